@@ -3,12 +3,17 @@
 
 const kStitchError = Symbol.for('tcp-stitch.error');
 
+export interface ErrorOptions { cause?: unknown; reason?: string }
+
 export class StitchError extends Error {
   readonly code: string;
-  constructor(message: string, code = 'TCP_STITCH_ERROR', options?: { cause?: unknown }) {
+  /** A machine-readable detail within the code (e.g. 'truncated', 'bad-mac'), when there is one. */
+  readonly reason?: string;
+  constructor(message: string, code = 'TCP_STITCH_ERROR', options?: ErrorOptions) {
     super(message, options);
     this.name = 'StitchError';
     this.code = code;
+    if (options?.reason) this.reason = options.reason;
   }
   get [kStitchError]() { return true; }
   static [Symbol.hasInstance](obj: unknown): boolean {
@@ -20,7 +25,7 @@ export class StitchError extends Error {
 function errorClass<C extends string>(name: string, code: C) {
   const cls = class extends StitchError {
     declare readonly code: C;
-    constructor(message: string, options?: { cause?: unknown }) {
+    constructor(message: string, options?: ErrorOptions) {
       super(message, code, options);
       this.name = name;
     }
@@ -47,3 +52,14 @@ export const SwitchError = errorClass('SwitchError', 'TCP_STITCH_SWITCH');
 export const DatapathError = errorClass('DatapathError', 'TCP_STITCH_DATAPATH');
 /** The object was closed or destroyed. */
 export const ClosedError = errorClass('ClosedError', 'TCP_STITCH_CLOSED');
+
+// Instance types, so `err as PreambleError` reads naturally.
+export type InvalidArgumentError = InstanceType<typeof InvalidArgumentError>;
+export type PreambleError = InstanceType<typeof PreambleError>;
+export type CoreRefusedError = InstanceType<typeof CoreRefusedError>;
+export type ProtocolError = InstanceType<typeof ProtocolError>;
+export type DiscoveryError = InstanceType<typeof DiscoveryError>;
+export type PolicyError = InstanceType<typeof PolicyError>;
+export type SwitchError = InstanceType<typeof SwitchError>;
+export type DatapathError = InstanceType<typeof DatapathError>;
+export type ClosedError = InstanceType<typeof ClosedError>;

@@ -1,0 +1,220 @@
+// The shell side: attach an external TCP socket as a logical connection, open its core leg (preamble
+// written right after net.connect, DATAPATH-FACTS), wait for the core's answer, then relay (phase 2).
+// The stitch (phase 3) is driven by the agent through `setStitcher`.
+import { EventEmitter } from 'node:events';
+import net from 'node:net';
+import { randomBytes } from 'node:crypto';
+import { ClosedError, InvalidArgumentError, PreambleError } from './errors.ts';
+import { componentLogger, type Logger } from './log.ts';
+import { publish } from './diagnostics.ts';
+import { ANSWER_LENGTH, AnswerStatus, answerStatusName, decodeAnswer, encodePreamble, PREAMBLE_LENGTH, type Endpoint } from './preamble.ts';
+import { initialState, phaseOf, transition, type ConnectionEvent, type StateSnapshot } from './connection-state.ts';
+import { relay } from './relay.ts';
+import type { CloseReason, LogicalConnection, ShellEvents, ShellHooks } from './types.ts';
+
+export interface ShellOptions {
+  /** Where the core accepts core legs. */
+  core: { host: string; port: number };
+  /** Shared secret authenticating core-leg preambles; the core must hold the same one. */
+  coreKey?: Buffer;
+  logger?: Logger;
+  hooks?: ShellHooks;
+  /** Give up opening a core leg after this long (default 5000 ms). */
+  coreConnectTimeoutMs?: number;
+}
+
+/** What the stitcher (the agent) gets to move a connection to phase 3. */
+export interface StitchTarget {
+  connection: LogicalConnection;
+  /** The fixed byte mapping of DESIGN.md section 5 for this connection. */
+  mapping: { clientOffset: bigint; corePreambleLength: number; shellOffset: bigint; coreAnswerLength: number };
+}
+export type Stitcher = (target: StitchTarget) => Promise<void>;
+
+export interface Shell extends EventEmitter<ShellEvents> {
+  attach(socket: net.Socket): LogicalConnection;
+  get(id: string): LogicalConnection | undefined;
+  connections(): LogicalConnection[];
+  /** Move one connection to phase 3 through the stitcher; resolves when stitched, rejects (and the connection stays in phase 2) otherwise. */
+  stitch(id: string, reason?: string): Promise<void>;
+  setStitcher(stitcher: Stitcher | undefined): void;
+  /** Stops attaching; resolves when every connection has ended by itself. */
+  close(): Promise<void>;
+  /** Ends every connection now (reset), and the shell. */
+  destroy(error?: Error): void;
+}
+
+const ipv4 = (a: string | undefined) => a?.startsWith('::ffff:') ? a.slice(7) : a;
+
+class Connection implements LogicalConnection {
+  readonly id = randomBytes(16).toString('hex');
+  readonly createdAt = Date.now();
+  coreLeg?: { local: Endpoint; core: Endpoint };
+  snap: StateSnapshot = initialState;
+  bytesFromClient = 0;
+  bytesFromCore = 0;
+  reason?: string;
+  stop?: (error?: Error) => void;
+  constructor(readonly client: Endpoint, readonly shell: Endpoint, readonly socket: net.Socket, public leg?: net.Socket) {}
+  get state() { return this.snap.state; }
+  get phase() { return phaseOf(this.snap.state); }
+  get clientEnded() { return this.snap.clientEnded; }
+  get coreEnded() { return this.snap.coreEnded; }
+  toJSON(): LogicalConnection {
+    const { id, client, shell, coreLeg, createdAt, state, phase, clientEnded, coreEnded, bytesFromClient, bytesFromCore, reason } = this;
+    return { id, client, shell, coreLeg, createdAt, state, phase, clientEnded, coreEnded, bytesFromClient, bytesFromCore, reason };
+  }
+}
+
+class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
+  readonly #conns = new Map<string, Connection>();
+  readonly #log: Logger;
+  #stitcher?: Stitcher;
+  #closing = false;
+  #idle?: () => void;
+
+  constructor(readonly opts: ShellOptions) {
+    super();
+    const { host, port } = opts.core ?? {};
+    if (typeof host !== 'string' || !host || !Number.isInteger(port) || port < 1 || port > 65535) {
+      throw new InvalidArgumentError('core must be { host, port } with a port in 1..65535');
+    }
+    if (opts.coreKey !== undefined && (!Buffer.isBuffer(opts.coreKey) || opts.coreKey.length < 16)) {
+      throw new InvalidArgumentError('coreKey must be a Buffer of at least 16 bytes');
+    }
+    this.#log = componentLogger('shell', opts.logger);
+  }
+
+  attach(socket: net.Socket): LogicalConnection {
+    if (this.#closing) throw new ClosedError('the shell is closing; attach no more connections');
+    if (!(socket instanceof net.Socket) || socket.destroyed) throw new InvalidArgumentError('attach() takes a connected net.Socket');
+    const client = { address: ipv4(socket.remoteAddress)!, port: socket.remotePort! };
+    const shell = { address: ipv4(socket.localAddress)!, port: socket.localPort! };
+    if (!net.isIPv4(client.address ?? '') || !net.isIPv4(shell.address ?? '')) {
+      throw new InvalidArgumentError(`attach() needs a connected IPv4 socket (got ${socket.remoteAddress}:${socket.remotePort})`);
+    }
+    // One FIN must close one direction only; hold the client's bytes until the core accepts.
+    socket.allowHalfOpen = true;
+    socket.pause();
+    const conn = new Connection(client, shell, socket);
+    this.#conns.set(conn.id, conn);
+    this.#log.debug('connection attached', { connectionId: conn.id, client });
+    this.emit('connection:open', { connection: conn });
+    publish('connectionOpen', { connection: conn });
+    this.#openCoreLeg(conn);
+    return conn;
+  }
+
+  #openCoreLeg(conn: Connection) {
+    const { host, port } = this.opts.core;
+    const leg = net.connect({ host, port, allowHalfOpen: true, noDelay: true });
+    conn.leg = leg;
+    // Written before 'connect' so it precedes anything else on the leg.
+    leg.write(encodePreamble({ connectionId: conn.id, clientOffset: 0n, shellOffset: 0n, client: conn.client, shell: conn.shell }, this.opts.coreKey));
+    leg.setTimeout(this.opts.coreConnectTimeoutMs ?? 5000, () => leg.destroy(new Error(`no answer from the core at ${host}:${port} within ${this.opts.coreConnectTimeoutMs ?? 5000} ms`)));
+    let head = Buffer.alloc(0);
+    const onData = (chunk: Buffer) => {
+      head = Buffer.concat([head, chunk]);
+      if (head.length < ANSWER_LENGTH) return;
+      leg.off('data', onData); leg.off('error', onEarly); leg.off('end', onEarlyEnd); conn.socket.off('error', onClientEarly);
+      leg.setTimeout(0);
+      leg.pause();
+      let status: number;
+      try { status = decodeAnswer(head); } catch (err) { return this.#fail(conn, 'core-protocol', err as Error); }
+      if (status !== AnswerStatus.ACCEPT) {
+        return this.#fail(conn, 'core-refused', new PreambleError(`the core refused the connection: ${answerStatusName(status)}`));
+      }
+      conn.coreLeg = { local: { address: ipv4(leg.localAddress)!, port: leg.localPort! }, core: { address: ipv4(leg.remoteAddress)!, port: leg.remotePort! } };
+      const rest = head.subarray(ANSWER_LENGTH);
+      if (rest.length) { conn.bytesFromCore += rest.length; conn.socket.write(rest); }
+      this.#event(conn, 'core-accepted', 'the core accepted the core leg');
+      this.#startRelay(conn, leg);
+    };
+    const onEarly = (err: Error) => this.#fail(conn, 'core-unreachable', err);
+    const onEarlyEnd = () => this.#fail(conn, 'core-protocol', new PreambleError('the core closed the core leg before answering'));
+    const onClientEarly = (err: Error) => this.#finish(conn, 'client-reset', err);
+    leg.on('data', onData);
+    leg.on('error', onEarly);
+    leg.on('end', onEarlyEnd);
+    conn.socket.on('error', onClientEarly);
+  }
+
+  #startRelay(conn: Connection, leg: net.Socket) {
+    conn.stop = relay(conn.socket, leg, {
+      onBytes: (dir, n) => { if (dir === 'ab') conn.bytesFromClient += n; else conn.bytesFromCore += n; },
+      onEnd: (from) => this.#event(conn, from === 'a' ? 'client-fin' : 'core-fin', from === 'a' ? 'FIN from the client' : 'FIN from the core'),
+      onReset: (from, err) => { conn.reason = `${from === 'a' ? 'client' : 'core'} leg failed: ${err.message}`; this.#finish(conn, from === 'a' ? 'client-reset' : 'core-reset', err); },
+      onClose: () => this.#finish(conn, 'fin'),
+    });
+  }
+
+  #event(conn: Connection, ev: ConnectionEvent, reason: string) {
+    const from = conn.snap.state;
+    conn.snap = transition(conn.snap, ev);
+    if (conn.snap.state !== from) {
+      conn.reason = reason;
+      const msg = { connection: conn, from, to: conn.snap.state, reason };
+      this.emit('connection:phase', msg);
+      publish('connectionPhase', msg);
+    }
+  }
+
+  #fail(conn: Connection, reason: CloseReason, err: Error) {
+    this.#log.warn('core leg failed; resetting the client', { connectionId: conn.id, reason, error: err.message });
+    this.#finish(conn, reason, err);
+  }
+
+  #finish(conn: Connection, reason: CloseReason, error?: Error) {
+    if (!this.#conns.has(conn.id)) return;
+    this.#conns.delete(conn.id);
+    conn.snap = transition(conn.snap, reason === 'fin' ? 'finished' : 'destroy');
+    conn.reason ??= reason;
+    // Whatever is still open after an abnormal end gets a reset, so neither end waits on us.
+    if (conn.stop) conn.stop();
+    else for (const s of [conn.socket, conn.leg]) if (s && !s.destroyed) { try { s.resetAndDestroy(); } catch { s.destroy(); } }
+    const msg = { connection: conn, reason, error };
+    this.#log.info('connection closed', { connectionId: conn.id, reason, bytesFromClient: conn.bytesFromClient, bytesFromCore: conn.bytesFromCore, phase: conn.phase });
+    this.emit('connection:close', msg);
+    publish('connectionClose', msg);
+    if (this.#conns.size === 0) this.#idle?.();
+  }
+
+  get(id: string) { return this.#conns.get(id); }
+  connections() { return [...this.#conns.values()]; }
+
+  setStitcher(stitcher: Stitcher | undefined) { this.#stitcher = stitcher; }
+
+  async stitch(id: string, reason = 'manual stitch'): Promise<void> {
+    const conn = this.#conns.get(id);
+    if (!conn) throw new InvalidArgumentError(`no connection with id ${id}`);
+    if (!this.#stitcher) throw new InvalidArgumentError('stitching is not available: no switch (run the shell with --switch)');
+    const veto = await this.opts.hooks?.shouldStitch?.(conn, reason);
+    if (veto === false) throw new InvalidArgumentError(`the runtime's shouldStitch hook vetoed stitching ${id}`);
+    this.#event(conn, 'stitch-start', reason);
+    try {
+      await this.#stitcher({
+        connection: conn,
+        mapping: { clientOffset: 0n, corePreambleLength: PREAMBLE_LENGTH, shellOffset: 0n, coreAnswerLength: ANSWER_LENGTH },
+      });
+    } catch (err) {
+      if (this.#conns.has(id)) this.#event(conn, 'stitch-failed', `stitch failed, staying on the shell path: ${(err as Error).message}`);
+      throw err;
+    }
+    if (this.#conns.has(id)) this.#event(conn, 'stitch-done', reason);
+  }
+
+  close(): Promise<void> {
+    this.#closing = true;
+    if (this.#conns.size === 0) return Promise.resolve();
+    return new Promise((resolve) => { this.#idle = resolve; });
+  }
+
+  destroy(error?: Error) {
+    this.#closing = true;
+    for (const conn of [...this.#conns.values()]) this.#finish(conn, 'destroyed', error);
+  }
+}
+
+export function createShell(opts: ShellOptions): Shell {
+  return new ShellImpl(opts);
+}

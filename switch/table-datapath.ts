@@ -1,0 +1,91 @@
+// An in-memory Datapath that keeps a table and translates nothing: for tests, and for running the
+// switch's control daemon where no eBPF datapath can be loaded.
+//
+// By default it advertises NO translations, so a DISCOVER reply says "incapable" and an agent keeps
+// its connections on the shell path (fail safe, DESIGN.md invariant 4). Tests that need a capable
+// switch pass `translations` explicitly.
+import { DatapathError } from '../sdk/errors.ts';
+import type { Datapath, StitchSpec, StitchState, StitchStatus } from './stitch-types.ts';
+import { TRANSLATIONS, type Translation } from './protocol.ts';
+
+export interface TableDatapathInit {
+  tableSize?: number;                      // default 65536
+  translations?: Translation[];            // default [] (incapable)
+  /** Has the datapath "seen" this stitch's handshakes? Default: yes for every stitch. */
+  tracked?: (spec: StitchSpec) => boolean;
+  /** Make install fail with a datapath error (tests). */
+  failInstall?: (spec: StitchSpec) => boolean;
+}
+
+export interface TableDatapath extends Datapath {
+  /** Installed stitches by id. */
+  readonly stitches: ReadonlyMap<number, StitchSpec>;
+  /** install() calls that succeeded, ever (tests check "applied once"). */
+  readonly installs: number;
+  /** Moves a stitch to a state and tells the listeners, as the eBPF datapath does on FIN/RST/drain. */
+  setState(id: number, state: StitchState, reason?: string): StitchStatus;
+}
+
+/** All translations this codebase names: what a test passes to pretend to be capable. */
+export const ALL_TRANSLATIONS: Translation[] = [...TRANSLATIONS];
+
+/**
+ * Error thrown by install() for a leg whose handshake the datapath has not seen. The control server
+ * answers UNTRACKED_LEG for any error whose `reason` is 'untracked-leg' (the eBPF datapath should
+ * throw the same shape), DATAPATH_ERROR for any other.
+ */
+export function untrackedLegError(id: number): Error {
+  return Object.assign(new DatapathError(`stitch ${id}: the datapath has not seen both legs' handshakes`), { reason: 'untracked-leg' });
+}
+
+export function createTableDatapath(init: TableDatapathInit = {}): TableDatapath {
+  const tableSize = init.tableSize ?? 65536;
+  const stitches = new Map<number, StitchSpec>();
+  const statuses = new Map<number, StitchStatus>();
+  const listeners: Array<(s: StitchStatus) => void> = [];
+  let installs = 0;
+  let closed = false;
+
+  return {
+    capabilities: { translations: [...(init.translations ?? [])], tableSize },
+    stitches,
+    get installs() { return installs; },
+    async install(spec) {
+      if (closed) throw new DatapathError('datapath is closed');
+      if (stitches.has(spec.id)) throw new DatapathError(`stitch ${spec.id} is already installed`);
+      if (stitches.size >= tableSize) throw new DatapathError('datapath table is full');
+      if (init.tracked && !init.tracked(spec)) throw untrackedLegError(spec.id);
+      if (init.failInstall?.(spec)) throw new DatapathError(`stitch ${spec.id}: simulated datapath failure`);
+      stitches.set(spec.id, structuredClone(spec));
+      statuses.set(spec.id, {
+        id: spec.id, state: 'stitched', packetsClientToCore: 0, packetsCoreToClient: 0,
+        bytesClientToCore: 0, bytesCoreToClient: 0, shellPacketsDropped: 0,
+      });
+      installs++;
+    },
+    async remove(id) {
+      stitches.delete(id);
+      statuses.delete(id);
+    },
+    status(id) {
+      const s = statuses.get(id);
+      return s && { ...s };
+    },
+    onStateChange(listener) { listeners.push(listener); },
+    setState(id, state, reason) {
+      const s = statuses.get(id);
+      if (!s) throw new DatapathError(`no stitch ${id}`);
+      s.state = state;
+      if (reason === undefined) delete s.reason; else s.reason = reason;
+      const copy = { ...s };
+      for (const l of listeners) l({ ...copy });
+      return copy;
+    },
+    async close() {
+      closed = true;
+      stitches.clear();
+      statuses.clear();
+      listeners.length = 0;
+    },
+  };
+}

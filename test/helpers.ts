@@ -1,0 +1,88 @@
+// Small test helpers shared by the in-process tests: event waits (never sleeps) and handle counting.
+import { once } from 'node:events';
+import net from 'node:net';
+import { createHash } from 'node:crypto';
+
+/** Counts of active libuv resources by kind (TCPSocketWrap, TCPServerWrap, Timeout, ...). */
+export function activeResources(): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const r of process.getActiveResourcesInfo()) out[r] = (out[r] ?? 0) + 1;
+  return out;
+}
+
+/** Resolves once `n` events named `name` have fired on `emitter`. */
+export function events<T = unknown>(emitter: NodeJS.EventEmitter, name: string, n = 1): Promise<T[]> {
+  return new Promise((resolve) => {
+    const got: T[] = [];
+    const on = (v: T) => { got.push(v); if (got.length === n) { emitter.off(name, on); resolve(got); } };
+    emitter.on(name, on);
+  });
+}
+
+/** Reads a socket to its end; resolves with sha256 and byte count. Rejects on socket error. */
+export function drain(s: net.Socket): Promise<{ sha: string; bytes: number }> {
+  const h = createHash('sha256');
+  let bytes = 0;
+  return new Promise((resolve, reject) => {
+    s.on('data', (c: Buffer) => { h.update(c); bytes += c.length; });
+    s.on('end', () => resolve({ sha: h.digest('hex'), bytes }));
+    s.on('error', reject);
+  });
+}
+
+/** Deterministic pseudo-random payload of `n` bytes (xorshift32), so both ends can compute its sha. */
+export function payload(n: number, seed = 1): Buffer {
+  const b = Buffer.alloc(n + 3);
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < n; i += 4) {
+    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    b.writeUInt32LE(x, i);
+  }
+  return b.subarray(0, n);
+}
+
+export const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+
+/** Writes `data` in chunks respecting backpressure, then ends unless keepOpen. */
+export async function send(s: net.Socket, data: Buffer, keepOpen = false): Promise<void> {
+  for (let off = 0; off < data.length; off += 65536) {
+    if (!s.write(data.subarray(off, off + 65536))) await once(s, 'drain');
+  }
+  if (!keepOpen) s.end();
+}
+
+export async function listen(server: net.Server, host = '127.0.0.1'): Promise<number> {
+  server.listen(0, host);
+  await once(server, 'listening');
+  return (server.address() as net.AddressInfo).port;
+}
+
+export function connect(port: number, host = '127.0.0.1'): Promise<net.Socket> {
+  const s = net.connect({ port, host, allowHalfOpen: true });
+  return once(s, 'connect').then(() => s);
+}
+
+/** Resolves when the socket is closed (now, or when its 'close' fires). */
+export function closed(s: net.Socket): Promise<void> {
+  return s.closed ? Promise.resolve() : once(s, 'close').then(() => undefined);
+}
+
+import { createHook } from 'node:async_hooks';
+const liveTimers = new Map<number, string>();
+let timerHook: ReturnType<typeof createHook> | undefined;
+/**
+ * Timers created by the project's own code (sdk/, agent/, switch/) that are still pending.
+ * Mocha's own timers are not ours and are left out.
+ */
+export function projectTimers(): string[] {
+  timerHook ??= createHook({
+    init(id, type) {
+      if (type !== 'Timeout') return;
+      const stack = new Error().stack ?? '';
+      const ours = stack.split('\n').find((l) => /\/(sdk|agent|switch)\/[^/]+\.ts/.test(l));
+      if (ours) liveTimers.set(id, ours.trim());
+    },
+    destroy(id) { liveTimers.delete(id); },
+  }).enable();
+  return [...liveTimers.values()];
+}

@@ -1,0 +1,221 @@
+// The SDK's two doors end to end over loopback (real kernel TCP, one namespace): termination in
+// phase 2, bad input on the core-leg port, concurrency, and no leaked socket or timer.
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { once } from 'node:events';
+import { createShell, createCore, type Shell, type Core, type CoreConnection, type ConnectionCloseMessage } from '../sdk/index.ts';
+import { encodePreamble } from '../sdk/preamble.ts';
+import { activeResources, projectTimers, closed as socketClosed, connect, drain, events, listen, payload, send, sha256 } from './helpers.ts';
+import winston from 'winston';
+
+const quiet = winston.createLogger({ silent: !process.env.DEBUG_TEST, transports: [new winston.transports.Console()] });
+
+interface Bed { shell: Shell; core: Core; server: net.Server; port: number; corePort: number; legs: CoreConnection[]; close(): Promise<void> }
+
+async function bed(opts: { coreKey?: Buffer; shellKey?: Buffer; preambleTimeoutMs?: number } = {}): Promise<Bed> {
+  const core = createCore({ logger: quiet, coreKey: opts.coreKey, preambleTimeoutMs: opts.preambleTimeoutMs });
+  const { port: corePort } = await core.listen(0, '127.0.0.1');
+  const shell = createShell({ core: { host: '127.0.0.1', port: corePort }, logger: quiet, coreKey: opts.shellKey ?? opts.coreKey });
+  const server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (s) => shell.attach(s));
+  const port = await listen(server);
+  const legs: CoreConnection[] = [];
+  core.on('connection', (c) => legs.push(c));
+  return {
+    shell, core, server, port, corePort, legs,
+    async close() { const done = new Promise((r) => server.close(r)); shell.destroy(); core.destroy(); await Promise.all([done, core.close()]); },
+  };
+}
+
+/** A client and the core-side stream of its logical connection, once the shell relays (phase 2). */
+async function pair(b: Bed): Promise<{ c: net.Socket; bside: net.Socket; id: string }> {
+  const accepted = events<CoreConnection>(b.core, 'connection');
+  const relaying = events(b.shell, 'connection:phase');
+  const c = await connect(b.port);
+  const [[conn]] = await Promise.all([accepted, relaying]);
+  return { c, bside: conn.stream, id: conn.id };
+}
+
+describe('sdk (loopback)', function () {
+  let b: Bed;
+  let baseline: Record<string, number>;
+  beforeEach(async () => { projectTimers(); baseline = activeResources(); b = await bed(); });
+  afterEach(async function () {
+    await b.close();
+    // 'close' events fire before libuv's close callbacks run; one loop turn lets those finish.
+    await new Promise((r) => setImmediate(r));
+    // Every socket, server and timer the test opened is gone once all close events fired.
+    const now = activeResources();
+    assert.deepEqual(projectTimers(), [], 'timers left pending by the SDK');
+    for (const k of ['TCPSocketWrap', 'TCPServerWrap']) {
+      assert.equal(now[k] ?? 0, baseline[k] ?? 0, `leaked ${k}: ${JSON.stringify(now)} vs ${JSON.stringify(baseline)}`);
+    }
+  });
+
+  it('sdk - bytes flow both ways, byte-exact, through a core leg', async () => {
+    const { c, bside } = await pair(b);
+    const up = payload(3 << 20, 1), down = payload(2 << 20, 2);
+    const [atB, atC] = await Promise.all([drain(bside), drain(c), send(c, up), send(bside, down)]);
+    assert.equal(atB.sha, sha256(up));
+    assert.equal(atC.sha, sha256(down));
+    await socketClosed(c);
+  });
+
+  it('sdk - FIN from the client: the core sees EOF, can still answer, both sides told', async () => {
+    const closed = events<ConnectionCloseMessage>(b.shell, 'connection:close');
+    const coreClosed = events<{ reason: string }>(b.core, 'connection:close');
+    const { c, bside } = await pair(b);
+    const atB = drain(bside);
+    c.end(Buffer.from('request'));
+    assert.equal((await atB).bytes, 7);
+    const atC = drain(c);
+    await send(bside, Buffer.from('answer after the client finished'));
+    assert.equal((await atC).bytes, 32);
+    assert.equal((await closed)[0].reason, 'fin');
+    assert.equal((await coreClosed)[0].reason, 'fin');
+    await socketClosed(c);
+  });
+
+  it('sdk - FIN from the core: the client sees EOF, can still send, both sides told', async () => {
+    const closed = events<ConnectionCloseMessage>(b.shell, 'connection:close');
+    const { c, bside } = await pair(b);
+    const atC = drain(c);
+    bside.end(Buffer.from('bye'));
+    assert.equal((await atC).bytes, 3);
+    const atB = drain(bside);
+    await send(c, payload(1 << 20));
+    assert.equal((await atB).sha, sha256(payload(1 << 20)));
+    const [msg] = await closed;
+    assert.equal(msg.reason, 'fin');
+    assert.equal(msg.connection.coreEnded && msg.connection.clientEnded, true);
+    await socketClosed(c);
+  });
+
+  it('sdk - RST from the client reaches the core as a reset; both sides told', async () => {
+    const closed = events<ConnectionCloseMessage>(b.shell, 'connection:close');
+    const coreClosed = events<{ reason: string }>(b.core, 'connection:close');
+    const { c, bside } = await pair(b);
+    const err = once(bside, 'error');
+    c.resetAndDestroy();
+    assert.equal(((await err)[0] as NodeJS.ErrnoException).code, 'ECONNRESET');
+    assert.equal((await closed)[0].reason, 'client-reset');
+    assert.equal((await coreClosed)[0].reason, 'reset');
+    await Promise.all([socketClosed(c), socketClosed(bside)]);
+  });
+
+  it('sdk - RST from the core reaches the client as a reset; both sides told', async () => {
+    const closed = events<ConnectionCloseMessage>(b.shell, 'connection:close');
+    const coreClosed = events<{ reason: string }>(b.core, 'connection:close');
+    const { c, bside } = await pair(b);
+    const err = once(c, 'error');
+    bside.resetAndDestroy();
+    assert.equal(((await err)[0] as NodeJS.ErrnoException).code, 'ECONNRESET');
+    assert.equal((await closed)[0].reason, 'core-reset');
+    assert.equal((await coreClosed)[0].reason, 'destroyed'); // the runtime reset it itself
+    await Promise.all([socketClosed(c), socketClosed(bside)]);
+  });
+
+  it('sdk - half-close each way: 1 MiB after the other side finished', async () => {
+    for (const first of ['client', 'core'] as const) {
+      const closed = events<ConnectionCloseMessage>(b.shell, 'connection:close');
+      const { c, bside } = await pair(b);
+      const [quitter, talker] = first === 'client' ? [c, bside] : [bside, c];
+      const heard = drain(talker);
+      quitter.end();
+      await heard;                                   // the talker saw EOF ...
+      const atQuitter = drain(quitter);
+      await send(talker, payload(1 << 20, 9));       // ... and still sends a full MiB
+      assert.equal((await atQuitter).sha, sha256(payload(1 << 20, 9)));
+      assert.equal((await closed)[0].reason, 'fin');
+      await socketClosed(c);
+    }
+  });
+
+  it('sdk - 200 concurrent connections, 1 MiB both ways each, byte-exact', async function () {
+    this.timeout(120000);
+    const n = 200, size = 1 << 20; // the 4 MiB acceptance run is end to end in namespaces (test/e2e-phase2)
+    const accepted = events<CoreConnection>(b.core, 'connection', n);
+    // Client, shell, core and backend share this one event loop here; start the load only once every
+    // connection is relaying, or the load's own callbacks delay the last core answers past their timeout.
+    const relaying = events(b.shell, 'connection:phase', n);
+    const clients = await Promise.all(Array.from({ length: n }, () => connect(b.port)));
+    const [legs] = await Promise.all([accepted, relaying]);
+    // Map each core-side stream to its client by the client's port the preamble carried.
+    const byPort = new Map(legs.map((l) => [l.client.port, l.stream]));
+    await Promise.all(clients.map(async (c, i) => {
+      const bside = byPort.get(c.localPort!)!;
+      const up = payload(size, 2 * i + 1), down = payload(size, 2 * i + 2);
+      const [atB, atC] = await Promise.all([drain(bside), drain(c), send(c, up), send(bside, down)]);
+      assert.equal(atB.sha, sha256(up), `connection ${i} C->B`);
+      assert.equal(atC.sha, sha256(down), `connection ${i} B->C`);
+      await socketClosed(c);
+    }));
+  });
+
+  describe('bad input on the core-leg port', () => {
+    async function raw(bytes: Buffer | null, end = true) {
+      const rejected = events<{ reason: string }>(b.core, 'core-leg:reject');
+      const s = await connect(b.corePort);
+      s.on('error', () => {});
+      const got = drain(s).catch(() => ({ sha: '', bytes: -1 }));
+      if (bytes) s.write(bytes);
+      if (end) s.end();
+      const [r] = await rejected;
+      await got;
+      s.destroy();
+      return r.reason;
+    }
+
+    it('core leg - garbage, truncated, oversized, wrong version, unauthenticated: rejected and closed, a live connection unaffected', async () => {
+      const { c, bside } = await pair(b);       // a live connection mid-transfer all along
+      const up = payload(8 << 20, 5);
+      const atB = drain(bside);
+      const sending = send(c, up);
+      const good = encodePreamble({ connectionId: 'ab'.repeat(16), clientOffset: 0n, shellOffset: 0n, client: { address: '127.0.0.1', port: 1 }, shell: { address: '127.0.0.1', port: 2 } });
+      assert.equal(await raw(Buffer.from('GET / HTTP/1.1\r\nHost: x\r\n\r\n')), 'bad-magic');
+      assert.equal(await raw(good.subarray(0, 60)), 'truncated');
+      const big = Buffer.from(good); big.writeUInt16BE(60000, 6);
+      assert.equal(await raw(Buffer.concat([big, Buffer.alloc(4096)])), 'oversized');
+      const v2 = Buffer.from(good); v2[4] = 2;
+      assert.equal(await raw(v2), 'bad-version');
+      assert.deepEqual(Object.keys(b.core.rejected).sort(), ['bad-magic', 'bad-version', 'oversized', 'truncated']);
+      await sending;
+      assert.equal((await atB).sha, sha256(up));
+      bside.end();
+      await socketClosed(c);
+    });
+
+    it('core leg - a stranger that connects and says nothing is closed after the preamble timeout', async () => {
+      await b.close();
+      b = await bed({ preambleTimeoutMs: 150 });
+      const rejected = events<{ reason: string }>(b.core, 'core-leg:reject');
+      const s = await connect(b.corePort);
+      const heard = drain(s);               // the core closes its side ...
+      assert.equal((await rejected)[0].reason, 'timeout');
+      await heard;
+      s.end();                              // ... and we close ours
+      await socketClosed(s);
+    });
+
+    it('core leg - a shell without the core key is refused; the client is reset', async () => {
+      await b.close();
+      b = await bed({ coreKey: Buffer.alloc(32, 1), shellKey: Buffer.alloc(32, 2) });
+      const closed = events<ConnectionCloseMessage>(b.shell, 'connection:close');
+      const rejected = events<{ reason: string }>(b.core, 'core-leg:reject');
+      const c = await connect(b.port);
+      const err = once(c, 'error');
+      assert.equal((await rejected)[0].reason, 'not-authentic');
+      assert.equal((await closed)[0].reason, 'core-refused');
+      assert.equal(((await err)[0] as NodeJS.ErrnoException).code, 'ECONNRESET');
+      assert.equal(b.legs.length, 0);
+      await socketClosed(c);
+    });
+  });
+
+  it('sdk - destroy() resets every connection and leaves nothing open', async () => {
+    const { c, bside } = await pair(b);
+    const errs = [once(c, 'error'), once(bside, 'error')];
+    b.shell.destroy();
+    for (const e of errs) assert.equal(((await e)[0] as NodeJS.ErrnoException).code, 'ECONNRESET');
+    await Promise.all([socketClosed(c), socketClosed(bside)]);
+  });
+});
