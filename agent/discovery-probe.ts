@@ -10,7 +10,7 @@ import { componentLogger, type Logger } from '../sdk/log.ts';
 import {
   AUTH_ALGORITHMS, DEFAULT_PORT, DISCOVER_PADDING, PROTOCOL_VERSION, ZERO_BOOT_ID, decode, encode,
   isControlProtocolError, newNonce, nextSequence, type AuthAlgorithm, type DiscoverRequest, type Key, type ResultCode,
-  type Translation,
+  type SwitchInfo, type Translation,
 } from '../switch/protocol.ts';
 import type { RetransmitPolicy } from './control-client.ts';
 
@@ -69,6 +69,18 @@ export type DiscoveryResult =
   }
   | { available: false; reason: DiscoveryFailure; detail: string; result?: ResultCode; capabilities?: SwitchCapabilities };
 
+/**
+ * Why a switch that answered cannot stitch for this agent, or undefined when it can. Shared by the
+ * TTL-1 probe and the agent's control-channel DISCOVER (preconfigured and combined switches).
+ */
+export function whyIncapable(info: SwitchInfo, required: readonly Translation[] = DEFAULT_REQUIRED_TRANSLATIONS): string | undefined {
+  const missing = required.filter((t) => !info.translations.includes(t));
+  return missing.length > 0 ? `the datapath lacks translations: ${missing.join(', ')}`
+    : (PROTOCOL_VERSION < info.versions.min || PROTOCOL_VERSION > info.versions.max) ? `the switch speaks versions ${info.versions.min}..${info.versions.max}`
+      : !AUTH_ALGORITHMS.some((a) => info.authAlgorithms.includes(a)) ? 'no common authentication algorithm'
+        : info.tableSize === 0 ? 'the switch has no stitch table' : undefined;
+}
+
 /** Sends one DISCOVER (and its retransmissions) with TTL 1 and waits for a valid reply. Never throws for network outcomes. */
 export async function probeSwitch(init: DiscoveryProbeInit): Promise<DiscoveryResult> {
   if (!init || !isIPv4(init.nextHop)) throw new InvalidArgumentError(`nextHop must be an IPv4 address, got ${String(init?.nextHop)}`);
@@ -103,9 +115,10 @@ export async function probeSwitch(init: DiscoveryProbeInit): Promise<DiscoveryRe
   }
   const s = socket;
 
+  // debug, not info: the agent re-discovers periodically and logs the outcome itself, once per change.
   function done(r: DiscoveryResult): DiscoveryResult {
-    if (r.available) log.info('switch discovered', { switchId: r.switchId, address: r.address, port: r.port, rttMs: r.rttMs });
-    else log.info('stitching not available', { reason: r.reason, detail: r.detail, nextHop: init.nextHop });
+    if (r.available) log.debug('switch discovered', { switchId: r.switchId, address: r.address, port: r.port, rttMs: r.rttMs });
+    else log.debug('stitching not available', { reason: r.reason, detail: r.detail, nextHop: init.nextHop });
     return r;
   }
 
@@ -166,11 +179,7 @@ export async function probeSwitch(init: DiscoveryProbeInit): Promise<DiscoveryRe
         translations: info.translations, tableSize: info.tableSize, freeSlots: info.freeSlots,
         versions: info.versions, authAlgorithms: info.authAlgorithms,
       };
-      const missing = required.filter((t) => !info.translations.includes(t));
-      const why = missing.length > 0 ? `the datapath lacks translations: ${missing.join(', ')}`
-        : (PROTOCOL_VERSION < info.versions.min || PROTOCOL_VERSION > info.versions.max) ? `the switch speaks versions ${info.versions.min}..${info.versions.max}`
-          : !AUTH_ALGORITHMS.some((a) => info.authAlgorithms.includes(a)) ? 'no common authentication algorithm'
-            : info.tableSize === 0 ? 'the switch has no stitch table' : undefined;
+      const why = whyIncapable(info, required);
       if (why) return finish({ available: false, reason: 'incapable', detail: why, capabilities });
       finish({
         available: true, switchId: info.switchId, address: info.controlAddress, port: info.controlPort, capabilities,

@@ -1,0 +1,70 @@
+// SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0)
+/* tcp-stitch: the switch's fast path. One tc clsact direct-action program (section "tc"), attached
+ * on ingress of every interface of S. Per packet (docs/datapath.md has the full decision table):
+ *   - a clone re-entering for the shell (skb->mark == clone mark)      -> handle_clone
+ *   - not IPv4/TCP, fragment, truncated, bad options                   -> pass untouched
+ *   - TCP not to or from the shell                                     -> pass untouched
+ *   - a flow of a committed stitch, from its far end                   -> stitch_from_far (translate)
+ *   - a flow of a committed stitch, from the shell                     -> stitch_from_shell (drain/silence)
+ *   - any other flow of the shell                                      -> track_packet (and MSS clamp)
+ * Helpers by job: parsing.h, csum.h, seq.h, tracking.h, translate.h; data in stitch_*.h. */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "stitch_consts.h"
+#include "stitch_structs.h"
+#include "stitch_maps.h"
+#include "parsing.h"
+#include "csum.h"
+#include "seq.h"
+#include "tracking.h"
+#include "translate.h"
+
+SEC("tc")
+int stitch_tc(struct __sk_buff *skb)
+{
+	struct global_cfg *g = get_cfg();
+	struct scratch *s;
+	struct flow_key key = {};
+	struct leg_val *leg;
+	struct stitch_cfg *sc;
+	__u32 from_shell, to_shell, id;
+	int r;
+
+	if (!g)
+		return TC_ACT_OK;
+	stat_inc(ST_PACKETS);
+	if (g->clone_mark && skb->mark == g->clone_mark)
+		return handle_clone(skb);
+
+	r = parse_packet(skb);
+	if (r != PARSE_OK) {
+		stat_inc(r == PARSE_MALFORMED ? ST_MALFORMED : ST_NOT_TCP);
+		return TC_ACT_OK;
+	}
+	s = get_scratch();
+	if (!s)
+		return TC_ACT_OK;
+	from_shell = is_shell(g, s->p.saddr);
+	to_shell = is_shell(g, s->p.daddr);
+	if (from_shell == to_shell) /* not the shell's, or the shell talking to itself */
+		return TC_ACT_OK;
+	flow_key_of(&key, &s->p, from_shell);
+
+	leg = bpf_map_lookup_elem(&legs, &key);
+	if (leg) {
+		id = leg->id;
+		sc = bpf_map_lookup_elem(&stitch_cfg, &id);
+		if (sc && sc->gen == leg->gen) {
+			if (from_shell)
+				return stitch_from_shell(skb, id, leg->side);
+			return stitch_from_far(skb, id, leg->side);
+		}
+		stat_inc(ST_STALE_GEN);
+	}
+	return track_packet(skb, from_shell ? 0 : 1);
+}
+
+/* GPL: the kernel requires a GPL-compatible license for bpf_loop and the redirect helpers */
+char _license[] SEC("license") = "GPL";

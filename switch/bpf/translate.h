@@ -1,0 +1,412 @@
+/* The stitched path: translation between the legs, the handover drain, the silencing of the shell,
+ * termination. Names: a stitch has two sides, s = SIDE_CLIENT (far end C, client leg) and
+ * s = SIDE_CORE (far end B, core leg); o = s ^ 1 is the other side. "Stream s" is the byte stream
+ * far end s sends. Spaces: on leg s, "far->A" numbers stream s, "A->far" numbers stream o as the
+ * shell relayed it. side[s].seq_delta maps far s's seq (leg s far->A) to leg o's A->far space.
+ * docs/handover.md explains every rule; docs/datapath.md has the decision table. */
+#ifndef STITCH_TRANSLATE_H
+#define STITCH_TRANSLATE_H
+
+#include "tracking.h"
+
+static __always_inline struct flow_val *leg_flow(const struct stitch_cfg *sc, __u32 s)
+{
+	const struct stitch_side *sd = &sc->side[s & 1];
+	struct flow_key k = {
+		.shell_addr = sd->shell_addr, .peer_addr = sd->far_addr,
+		.shell_port = sd->shell_port, .peer_port = sd->far_port,
+	};
+	return bpf_map_lookup_elem(&flows, &k);
+}
+
+static __always_inline __u32 clamp_win(__u32 edge, __u32 ack, __u32 shift)
+{
+	__u32 w;
+
+	if (!seq_after(edge, ack))
+		return 0;
+	w = (edge - ack) >> (shift & 15);
+	return w > 65535 ? 65535 : w;
+}
+
+/* Sets every SACK block edge to edge - delta (delta 0: unchanged); returns 1 if some block end
+ * lies after `limit` (when check_limit). */
+static __always_inline int sack_shift(struct scratch *s, __u32 delta, __u32 limit, int check_limit)
+{
+	__u32 off = s->p.sack_off + 2;
+	int beyond = 0;
+
+#pragma clang loop unroll(full)
+	for (int i = 0; i < SACK_MAX_BLOCKS; i++) {
+		if (i < s->p.sack_n) {
+			__u32 a = rd32(s->old_hdr, off + 8 * i), b = rd32(s->old_hdr, off + 8 * i + 4);
+
+			if (check_limit && seq_after(b, limit))
+				beyond = 1;
+			wr32(s->hdr, off + 8 * i, a - delta);
+			wr32(s->hdr, off + 8 * i + 4, b - delta);
+		}
+	}
+	return beyond;
+}
+
+/* Replaces the whole SACK option by NOPs (the length stays, the information goes). */
+static __always_inline void sack_erase(struct scratch *s)
+{
+	__u32 off = s->p.sack_off, len = 2 + 8 * (__u32)s->p.sack_n;
+
+#pragma clang loop unroll(full)
+	for (int i = 0; i < 2 + 8 * SACK_MAX_BLOCKS; i++) {
+		if (i < len)
+			s->hdr[HB(off + i)] = TCPOPT_NOP;
+	}
+}
+
+/* The first packet after the commit takes the snapshot the drain works from: the shell's advertised
+ * edges (the boundaries), what it was handed, what each far end acked and saw. */
+static __always_inline __u32 take_snapshot(const struct stitch_cfg *sc, struct stitch_state *st, __u64 now)
+{
+	__u32 ph = READ_ONCE32(st->phase), next;
+	struct flow_val *f0, *f1;
+
+	if (ph == PHASE_DRAINING && (sc->flags & STITCH_FORCE_STITCHED)) {
+		if (__sync_val_compare_and_swap(&st->phase, PHASE_DRAINING, PHASE_STITCHED) == PHASE_DRAINING)
+			st->stitched_ns = now;
+		return PHASE_STITCHED;
+	}
+	if (ph != PHASE_INSTALLED)
+		return ph;
+	f0 = leg_flow(sc, 0);
+	f1 = leg_flow(sc, 1);
+	if (!f0 || !f1) {
+		__sync_val_compare_and_swap(&st->phase, PHASE_INSTALLED, PHASE_FAILED);
+		return READ_ONCE32(st->phase);
+	}
+#pragma clang loop unroll(full)
+	for (int s = 0; s < 2; s++) {
+		struct flow_val *f = s ? f1 : f0;
+		struct stitch_state_side *ss = &st->side[s];
+
+		ss->boundary = seq_max(f->dir[0].edge_hi, f->dir[1].seq_hi);
+		ss->handed = f->dir[1].seq_hi;
+		ss->ack_far = f->dir[1].ack_hi;
+		ss->edge_far = f->dir[1].edge_hi;
+		ss->ack_to_shell = f->dir[1].ack_hi;
+		ss->edge_to_shell = f->dir[1].edge_hi;
+		ss->ack_sent = f->dir[0].ack_hi;
+		ss->ts_seen = f->dir[0].tsval_hi;
+	}
+	st->first_ns = now;
+	next = (sc->flags & STITCH_START_STITCHED) ? PHASE_STITCHED : PHASE_DRAINING;
+	if (next == PHASE_STITCHED)
+		st->stitched_ns = now;
+	__sync_val_compare_and_swap(&st->phase, PHASE_INSTALLED, next);
+	return READ_ONCE32(st->phase);
+}
+
+/* Drain complete, per stream s: the shell acked everything it was handed (no hole left in it), the
+ * other far end acked all of that (the shell relayed it), and the other far end's window covers the
+ * edge the shell had advertised. Held DRAIN_HOLD_NS, then the shell is silenced. */
+static __always_inline void drain_check(const struct stitch_cfg *sc, struct stitch_state *st,
+					const struct flow_val *f0, const struct flow_val *f1, __u64 now)
+{
+	int ok = 1;
+	__u64 t;
+
+#pragma clang loop unroll(full)
+	for (int s = 0; s < 2; s++) {
+		const struct flow_val *f = s ? f1 : f0;
+		const struct stitch_state_side *ss = &st->side[s], *so = &st->side[s ^ 1];
+		__u32 d = sc->side[s].seq_delta;
+
+		if (seq_before(f->dir[0].ack_hi, ss->handed) ||
+		    seq_before(so->ack_far - d, ss->handed) ||
+		    seq_before(so->edge_far - d, ss->boundary))
+			ok = 0;
+	}
+	t = READ_ONCE64(st->drain_ok_ns);
+	if (!ok) {
+		if (t)
+			st->drain_ok_ns = 0;
+		return;
+	}
+	if (!t) {
+		__sync_val_compare_and_swap(&st->drain_ok_ns, 0, now);
+		return;
+	}
+	if (now - t >= DRAIN_HOLD_NS &&
+	    __sync_val_compare_and_swap(&st->phase, PHASE_DRAINING, PHASE_STITCHED) == PHASE_DRAINING)
+		st->stitched_ns = now;
+}
+
+static __always_inline void note_termination(const struct stitch_cfg *sc, struct stitch_state *st,
+					     const struct pkt *p, __u32 s)
+{
+	__u32 o = s ^ 1, term;
+
+	if (p->flags & TCP_RST)
+		__sync_fetch_and_or(&st->term, TERM_RST << s);
+	if (p->flags & TCP_FIN) {
+		st->side[s].fin_seq = p->seq + p->payload;
+		__sync_fetch_and_or(&st->term, TERM_FIN << s);
+	}
+	term = READ_ONCE32(st->term);
+	/* does this packet acknowledge the other far end's FIN? (its seq in our A->far space) */
+	if ((p->flags & TCP_ACK) && (term & (TERM_FIN << o)) && !(term & (TERM_FIN_ACKED << o)) &&
+	    seq_after(p->ack, st->side[o].fin_seq + sc->side[o].seq_delta))
+		__sync_fetch_and_or(&st->term, TERM_FIN_ACKED << o);
+}
+
+static __always_inline __u32 out_ifindex(const struct global_cfg *g, const struct stitch_cfg *sc, __u32 side)
+{
+	if (side == SIDE_CLIENT && g->client_ifindex)
+		return g->client_ifindex;
+	if (side == SIDE_CORE && g->core_ifindex)
+		return g->core_ifindex;
+	return sc->side[side & 1].far_ifindex;
+}
+
+/* A packet from far end s of a committed stitch: translate it to far end o; while draining, clone
+ * it first to the shell when the shell needs its data or its ack (see handle_clone). */
+__attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, __u32 s)
+{
+	struct scratch *scr = get_scratch();
+	struct global_cfg *g = get_cfg();
+	struct stitch_cfg *sc = bpf_map_lookup_elem(&stitch_cfg, &id);
+	struct stitch_state *st = bpf_map_lookup_elem(&stitch_state, &id);
+	struct flow_val *fs = 0, *fo = 0;
+	__u64 now = bpf_ktime_get_ns();
+	__u32 o, phase, nseq, nack, edge, nwin;
+	int draining;
+	struct pkt *p;
+
+	if (!skb || !scr || !g || !sc || !st || st->gen != sc->gen)
+		return TC_ACT_OK;
+	s &= 1;
+	o = s ^ 1;
+	p = &scr->p;
+	if (p->flags & TCP_SYN) /* a new connection reusing the tuple: not ours to translate */
+		return TC_ACT_OK;
+	phase = take_snapshot(sc, st, now);
+	if (phase == PHASE_FAILED)
+		return TC_ACT_OK;
+	draining = phase == PHASE_DRAINING && !(sc->flags & STITCH_FORCE_STITCHED);
+	st->last_ns = now;
+	note_termination(sc, st, p, s);
+
+	if (p->flags & TCP_ACK) {
+		seq_raise(&st->side[s].ack_far, p->ack);
+		seq_raise(&st->side[s].edge_far, p->ack + ((__u32)p->win << (sc->side[s].ws_far & 15)));
+	}
+
+	if (draining) {
+		fs = leg_flow(sc, s);
+		fo = leg_flow(sc, o);
+	}
+	if (draining && fs && fo) {
+		struct stitch_state_side *ss = &st->side[s];
+		__u32 snd_nxt = fs->dir[0].seq_hi;
+		int want = p->payload && seq_before(p->seq, ss->boundary);
+
+		if (want) {
+			seq_raise(&ss->handed, p->seq + p->payload);
+		} else if ((p->flags & TCP_ACK) && !(p->flags & TCP_RST)) {
+			__u32 ackc = seq_min(p->ack, snd_nxt);
+
+			want = seq_raise(&ss->ack_to_shell, ackc);
+			if (seq_after(snd_nxt, ackc) &&
+			    seq_raise(&ss->edge_to_shell, p->ack + ((__u32)p->win << (sc->side[s].ws_far & 15))))
+				want = 1;
+		}
+		if (want && !(p->flags & TCP_RST)) {
+			__sync_fetch_and_add(&ss->clones, 1);
+			stat_inc(ST_CLONES);
+			if (g->clone_mark && !(g->flags & CFG_NO_CLONE)) {
+				__u32 mark = skb->mark;
+
+				skb->mark = g->clone_mark;
+				if (bpf_clone_redirect(skb, skb->ifindex, BPF_F_INGRESS))
+					stat_inc(ST_CLONE_FAILED);
+				skb->mark = mark;
+			}
+		}
+		drain_check(sc, st, s ? fo : fs, s ? fs : fo, now);
+	}
+
+	if (g->drop_ppm && bpf_get_prandom_u32() % 1000000 < g->drop_ppm) {
+		__sync_fetch_and_add(&st->injected_drops, 1);
+		stat_inc(ST_INJECTED_DROP);
+		return TC_ACT_SHOT;
+	}
+	if (p->ttl <= 1) /* let the kernel answer "time exceeded" to the sender */
+		return TC_ACT_OK;
+
+	/* sequence space of leg o */
+	nseq = p->seq + sc->side[s].seq_delta;
+	wr32(scr->hdr, 4, nseq);
+	wr16(scr->hdr, 0, bpf_ntohs(sc->side[o].shell_port));
+	wr16(scr->hdr, 2, bpf_ntohs(sc->side[o].far_port));
+	if (p->flags & TCP_ACK) {
+		nack = p->ack - sc->side[o].seq_delta;
+		edge = nack + ((__u32)p->win << (sc->side[s].ws_far & 15));
+		if (draining && fo) {
+			/* acks never below what the shell already acknowledged to far o; the edge never
+			 * below what the shell advertised (those bytes still go to the shell) */
+			if (fo->dir[0].flags & FLOW_ACKED)
+				nack = seq_max(nack, fo->dir[0].ack_hi);
+			edge = seq_max(edge, st->side[o].boundary);
+		}
+		nwin = clamp_win(edge, nack, sc->side[o].ws_shell);
+		wr32(scr->hdr, 8, nack);
+		wr16(scr->hdr, 14, nwin);
+		seq_raise(&st->side[o].ack_sent, nack);
+	} else {
+		__u32 w = ((__u32)p->win << (sc->side[s].ws_far & 15)) >> (sc->side[o].ws_shell & 15);
+
+		wr16(scr->hdr, 14, w > 65535 ? 65535 : w);
+	}
+	if (p->ts_off) {
+		__u32 tsv = p->tsval + sc->side[s].ts_delta;
+		__u32 tse = p->tsecr ? p->tsecr - sc->side[o].ts_delta : 0;
+
+		if (sc->side[o].opts & SIDE_TS) /* PAWS: never below what far o has seen */
+			tsv = seq_raise_get(&st->side[o].ts_seen, tsv);
+		wr32(scr->hdr, p->ts_off + 2, tsv);
+		wr32(scr->hdr, p->ts_off + 6, tse);
+	}
+	if (p->sack_off)
+		sack_shift(scr, sc->side[o].seq_delta, 0, 0);
+
+	__sync_fetch_and_add(&st->side[s].packets, 1);
+	__sync_fetch_and_add(&st->side[s].bytes, p->payload);
+	stat_inc(ST_TRANSLATED);
+	if (apply_rewrite(skb, sc->side[o].shell_addr, sc->side[o].far_addr, RW_TTL)) {
+		stat_inc(ST_ERRORS);
+		return TC_ACT_SHOT;
+	}
+	return bpf_redirect_neigh(out_ifindex(g, sc, o), 0, 0, 0);
+}
+
+/* A packet of the shell's own socket on leg s (toward far end s). Silenced once stitched; while
+ * draining, its data and the acks that raise what far s has seen go on, rewritten. */
+__attribute__((noinline)) int stitch_from_shell(struct __sk_buff *skb, __u32 id, __u32 s)
+{
+	struct scratch *scr = get_scratch();
+	struct stitch_cfg *sc = bpf_map_lookup_elem(&stitch_cfg, &id);
+	struct stitch_state *st = bpf_map_lookup_elem(&stitch_state, &id);
+	struct stitch_state_side *ss, *so;
+	struct flow_val *fs, *fo;
+	__u64 now = bpf_ktime_get_ns();
+	__u32 o, phase, d, nack, edge;
+	struct pkt *p;
+
+	if (!skb || !scr || !sc || !st || st->gen != sc->gen)
+		return TC_ACT_OK;
+	s &= 1;
+	o = s ^ 1;
+	p = &scr->p;
+	ss = &st->side[s];
+	so = &st->side[o];
+	phase = take_snapshot(sc, st, now);
+	if (phase == PHASE_FAILED)
+		return TC_ACT_OK;
+	if (phase != PHASE_DRAINING || (sc->flags & STITCH_FORCE_STITCHED) ||
+	    (p->flags & (TCP_SYN | TCP_FIN | TCP_RST)))
+		goto drop;
+	fs = leg_flow(sc, s);
+	fo = leg_flow(sc, o);
+	if (!fs || !fo)
+		goto drop;
+	track_dir(fs, 0, p, now);
+
+	d = sc->side[s].seq_delta;
+	/* ack: at least what far o acknowledged of stream s (mapped back to leg s) */
+	nack = seq_max(p->ack, so->ack_far - d);
+	if (!p->payload) {
+		if (!seq_raise(&ss->ack_sent, nack))
+			goto drop; /* a pure ACK that raises nothing: far s has seen better */
+	} else {
+		seq_raise(&ss->ack_sent, nack);
+	}
+	edge = seq_max(ss->boundary, so->edge_far - d);
+	wr32(scr->hdr, 8, nack);
+	wr16(scr->hdr, 14, clamp_win(edge, nack, sc->side[s].ws_shell));
+	if (p->ts_off && (sc->side[s].opts & SIDE_TS))
+		wr32(scr->hdr, p->ts_off + 2, seq_raise_get(&ss->ts_seen, p->tsval));
+	/* the shell's SACK blocks above its old edge describe bytes it will never relay */
+	if (p->sack_off && sack_shift(scr, 0, ss->boundary, 1))
+		sack_erase(scr);
+
+	__sync_fetch_and_add(&ss->shell_passed, 1);
+	stat_inc(ST_SHELL_PASSED);
+	drain_check(sc, st, s ? fo : fs, s ? fs : fo, now);
+	if (apply_rewrite(skb, p->saddr, p->daddr, 0)) {
+		stat_inc(ST_ERRORS);
+		goto drop;
+	}
+	return TC_ACT_OK;
+drop:
+	__sync_fetch_and_add(&ss->shell_dropped, 1);
+	stat_inc(ST_SHELL_DROPPED);
+	return TC_ACT_SHOT;
+}
+
+/* A clone of far s's packet, re-entering with the clone mark, on its way to the shell's socket on
+ * leg s: its ack clamped to what the shell sent, its window edge kept, SACK blocks the shell cannot
+ * know dropped; data the shell needs (below its old edge) kept, otherwise trimmed to a pure ACK
+ * whose seq is the shell's own ack (always acceptable to it). FIN/RST never reach the shell. */
+__attribute__((noinline)) int handle_clone(struct __sk_buff *skb)
+{
+	struct scratch *scr = get_scratch();
+	struct global_cfg *g = get_cfg();
+	struct flow_key key = {};
+	struct leg_val *leg;
+	struct stitch_cfg *sc;
+	struct stitch_state *st;
+	struct flow_val *fs;
+	__u32 id, s, snd_nxt, nack, edge, shift, ifx;
+	int data;
+	struct pkt *p;
+
+	if (!skb || !scr || !g)
+		return TC_ACT_SHOT;
+	skb->mark = 0;
+	if (parse_packet(skb) != PARSE_OK)
+		return TC_ACT_SHOT;
+	p = &scr->p;
+	flow_key_of(&key, p, 0);
+	leg = bpf_map_lookup_elem(&legs, &key);
+	if (!leg)
+		return TC_ACT_SHOT;
+	id = leg->id;
+	sc = bpf_map_lookup_elem(&stitch_cfg, &id);
+	st = bpf_map_lookup_elem(&stitch_state, &id);
+	if (!sc || !st || sc->gen != leg->gen || st->gen != sc->gen ||
+	    READ_ONCE32(st->phase) != PHASE_DRAINING)
+		return TC_ACT_SHOT;
+	s = leg->side & 1;
+	fs = leg_flow(sc, s);
+	if (!fs)
+		return TC_ACT_SHOT;
+
+	snd_nxt = fs->dir[0].seq_hi;
+	shift = sc->side[s].ws_far & 15;
+	data = p->payload && seq_before(p->seq, st->side[s].boundary);
+	nack = seq_min(p->ack, snd_nxt);
+	edge = p->ack + ((__u32)p->win << shift);
+	wr32(scr->hdr, 8, nack);
+	wr16(scr->hdr, 14, clamp_win(edge, nack, shift));
+	scr->hdr[13] = p->flags & ~(TCP_FIN | TCP_RST | TCP_SYN | TCP_URG | (data ? 0 : TCP_PSH));
+	if (p->sack_off && sack_shift(scr, 0, snd_nxt, 1))
+		sack_erase(scr);
+	if (!data)
+		wr32(scr->hdr, 4, fs->dir[0].ack_hi);
+	ifx = sc->shell_ifindex ? sc->shell_ifindex : g->shell_ifindex;
+	if (apply_rewrite(skb, p->saddr, p->daddr, data ? 0 : RW_TRIM)) {
+		stat_inc(ST_ERRORS);
+		return TC_ACT_SHOT;
+	}
+	return bpf_redirect_neigh(ifx, 0, 0, 0);
+}
+
+#endif

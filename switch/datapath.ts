@@ -1,0 +1,532 @@
+// The eBPF datapath of the reference switch: loads switch/bpf/stitch.bpf.o, attaches it to the
+// ingress of S's interfaces (tc clsact, direct action), and drives its maps through the native addon
+// (switch/native): one bpf(2) call per map update, never a bpftool process per stitch.
+//
+// Lifecycle: createEbpfDatapath() loads and attaches (bpftool prog load + pin, tc filter ... bpf da
+// object-pinned), install()/remove() write the maps with the commit-key pattern, a poll timer
+// (unref'd) turns the datapath's per-stitch state into onStateChange events, close() detaches
+// everything: filters, the clsact qdiscs it created, pins, a bpffs it mounted, every fd.
+//
+// docs/datapath.md: maps byte by byte and the per-packet decision table; docs/handover.md: the drain.
+
+import { execFile } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, rmSync, rmdirSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { ClosedError, DatapathError, InvalidArgumentError } from '../sdk/errors.ts';
+import { componentLogger, type Logger } from '../sdk/log.ts';
+import {
+  FLOW_SACK_OK, FLOW_SYN, FLOW_TS_OK, FLOW_VAL_SIZE, FLOW_WS_OK, MAP_NAMES, MAX_STITCHES,
+  PHASE_FAILED, PHASE_STITCHED, SIDE_CLIENT, SIDE_CORE, SIDE_SACK, SIDE_TS, STATS, STATS_COUNT,
+  STITCH_CFG_SIZE, STITCH_FORCE_STITCHED, STITCH_START_STITCHED, STITCH_STATE_SIZE, TERM_FIN, TERM_FIN_ACKED,
+  TERM_RST, decodeFlowVal, decodeStitchCfg, decodeStitchState, encodeFlowKey, encodeGlobalCfg, encodeLegVal,
+  encodeStitchCfg, encodeStitchStateInit, u32Key,
+  type FlowKey, type FlowVal, type GlobalCfg, type MapName, type ShellPrefix, type StatName, type StitchCfg,
+  type StitchSide, type StitchStateVal,
+} from './bpf/layout.ts';
+import * as native from './native/index.ts';
+import type { Datapath, StitchSpec, StitchState, StitchStatus } from './stitch-types.ts';
+
+const run = promisify(execFile);
+const here = dirname(fileURLToPath(import.meta.url));
+
+/** Where `make -C switch/bpf` puts the object. */
+export const STITCH_OBJECT = join(here, 'bpf', 'stitch.bpf.o');
+/** skb->mark of the clones the program sends back through itself on their way to the shell. */
+export const DEFAULT_CLONE_MARK = 0x5717c10e;
+/** tc filter priority our filters use (and remove by). */
+const TC_PREF = 0x5717 & 0xffff;
+
+export interface EbpfDatapathOptions {
+  /** S's interface toward the shell (A). */
+  shellIface: string;
+  /** Interfaces to attach to (ingress). Default: every interface of the namespace but loopback. */
+  ifaces?: string[];
+  /** The shell's addresses (or prefixes, 'a.b.c.d/n'); at most 4. Default: the connected prefixes
+   *  of shellIface, i.e. everything on the shell's side of S. */
+  shellAddresses?: string[];
+  /** Clamp the MSS of the shell's SYNs to this (for paths with a smaller MTU). Default: off. */
+  mssClamp?: number;
+  /** A mounted bpffs to pin under (a private subdirectory is made and removed). Default: a bpffs
+   *  mounted for this datapath under /run/tcp-stitch/ (`ip netns exec` gives a fresh mount namespace
+   *  without one) and unmounted at close. */
+  bpffs?: string;
+  logger?: Logger;
+  /** Drop injector: translated packets dropped per million (stands in for netem). Default 0. */
+  dropPerMillion?: number;
+  /** Override the interfaces translated packets leave by; default: learned from each handshake. */
+  clientIface?: string;
+  coreIface?: string;
+  /** The compiled object; default switch/bpf/stitch.bpf.o. */
+  objectPath?: string;
+  /** State poll period; default 10 ms. */
+  pollIntervalMs?: number;
+  /** false: skip the handover drain (the shell is known to hold nothing). Default true. */
+  drain?: boolean;
+  /** skb->mark tagging clones for the shell; default DEFAULT_CLONE_MARK. */
+  cloneMark?: number;
+}
+
+export interface EbpfDatapath extends Datapath {
+  /** The pin directory (prog, maps/). */
+  readonly pinDir: string;
+  /** Interfaces the program is attached to. */
+  readonly ifaces: readonly string[];
+  /** The per-CPU counters of the program, summed. */
+  stats(): Record<StatName, number>;
+  /** Changes the drop injector at run time. */
+  setDropPerMillion(ppm: number): void;
+  /** The raw state the program keeps for a stitch (tests, diagnostics). */
+  rawState(id: number): StitchStateVal | undefined;
+  /** The tracking entry of one flow of the shell (diagnostics). */
+  flow(key: FlowKey): FlowVal | undefined;
+}
+
+/** An error whose result code the control server reports (UNTRACKED_LEG). */
+export type UntrackedLegError = InstanceType<typeof DatapathError> & {
+  reason: 'untracked-leg'; resultCode: 'UNTRACKED_LEG'; legs: Array<'client' | 'core'>;
+};
+
+function untrackedLeg(id: number, legs: Array<'client' | 'core'>, detail: string): UntrackedLegError {
+  const err = new DatapathError(
+    `UNTRACKED_LEG: stitch ${id}: the switch has not seen the handshake of the ${legs.join(' and the ')} leg ` +
+    `(${detail}); only connections opened through this switch since it started can be stitched`);
+  return Object.assign(err, { reason: 'untracked-leg' as const, resultCode: 'UNTRACKED_LEG' as const, legs });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The object: load, pin, open maps. Also used directly by the packet-vector tests (no attach).
+
+export interface StitchObject {
+  readonly pinDir: string;
+  readonly progPath: string;
+  readonly progFd: number;
+  readonly maps: Readonly<Record<MapName, number>>;
+  /** Closes the fds and removes the pins (and the bpffs this object mounted). */
+  close(): Promise<void>;
+}
+
+async function sh(cmd: string, args: string[], timeout = 20_000): Promise<string> {
+  try {
+    const r = await run(cmd, args, { timeout, maxBuffer: 16 << 20 });
+    return r.stdout;
+  } catch (e) {
+    const x = e as { stderr?: string; message: string };
+    throw new DatapathError(`${cmd} ${args.join(' ')} failed: ${(x.stderr || x.message).trim().split('\n').slice(-6).join(' | ')}`, { cause: e });
+  }
+}
+
+function isBpffs(path: string): boolean {
+  try {
+    return readFileSync('/proc/self/mounts', 'utf8').split('\n')
+      .some((l) => { const f = l.split(' '); return f[1] === path && f[2] === 'bpf'; });
+  } catch { return false; }
+}
+
+/**
+ * Loads the stitch object and pins it (prog + maps) in a private directory under `bpffs` (or a
+ * bpffs it mounts). Nothing is attached.
+ */
+export async function openStitchObject(opts: { bpffs?: string; objectPath?: string } = {}): Promise<StitchObject> {
+  const obj = opts.objectPath ?? STITCH_OBJECT;
+  if (!existsSync(obj)) throw new DatapathError(`eBPF object ${obj} is missing: build it with \`npm run build\` (make -C switch/bpf; needs clang, libbpf-dev)`);
+  const tag = `${process.pid}-${randomBytes(3).toString('hex')}`;
+  let mounted: string | undefined;
+  let base = opts.bpffs;
+  if (base !== undefined) {
+    if (!isBpffs(base)) throw new InvalidArgumentError(`bpffs ${base} is not a mounted bpf filesystem; mount one (mount -t bpf bpf ${base}) or leave the option out`);
+  } else {
+    mounted = `/run/tcp-stitch/bpffs-${tag}`;
+    mkdirSync(mounted, { recursive: true });
+    await sh('mount', ['-t', 'bpf', 'bpf', mounted]);
+    base = mounted;
+  }
+  const pinDir = join(base, `stitch-${tag}`);
+  const progPath = join(pinDir, 'prog');
+  const fds: number[] = [];
+  const cleanup = async () => {
+    for (const fd of fds.splice(0)) try { native.closeFd(fd); } catch { /* already closed */ }
+    rmSync(pinDir, { recursive: true, force: true });
+    if (mounted) {
+      await sh('umount', [mounted]).catch(() => sh('umount', ['-l', mounted!]).catch(() => undefined));
+      try { rmdirSync(mounted); } catch { /* busy or gone */ }
+    }
+  };
+  try {
+    mkdirSync(pinDir);
+    await sh('bpftool', ['prog', 'load', obj, progPath, 'type', 'classifier', 'pinmaps', join(pinDir, 'maps')]);
+    const progFd = native.objGet(progPath);
+    fds.push(progFd);
+    const maps = {} as Record<MapName, number>;
+    for (const name of MAP_NAMES) {
+      maps[name] = native.objGet(join(pinDir, 'maps', name));
+      fds.push(maps[name]);
+    }
+    const flowsInfo = native.mapInfo(maps.flows);
+    if (flowsInfo.valueSize !== FLOW_VAL_SIZE) throw new DatapathError(`map flows has values of ${flowsInfo.valueSize} bytes, this code expects ${FLOW_VAL_SIZE}: rebuild switch/bpf`);
+    return { pinDir, progPath, progFd, maps, close: cleanup };
+  } catch (e) {
+    await cleanup();
+    throw e;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Translation from the spec and the two legs' tracking entries.
+
+const mod32 = (n: bigint | number) => Number(BigInt.asUintN(32, BigInt(n)));
+
+function scale(f: FlowVal, d: 0 | 1): number {
+  return (f.dir[d].flags & FLOW_WS_OK) && (f.dir[d ^ 1]!.flags & FLOW_WS_OK) ? Math.min(14, f.dir[d].wscale) : 0;
+}
+
+function legOpts(f: FlowVal): number {
+  const both = (bit: number) => (f.dir[0].flags & bit) && (f.dir[1].flags & bit);
+  return (both(FLOW_TS_OK) ? SIDE_TS : 0) | (both(FLOW_SACK_OK) ? SIDE_SACK : 0);
+}
+
+export function clientLegKey(spec: StitchSpec): FlowKey {
+  return { shellAddr: spec.clientLeg.shell.address, peerAddr: spec.clientLeg.client.address, shellPort: spec.clientLeg.shell.port, peerPort: spec.clientLeg.client.port };
+}
+
+export function coreLegKey(spec: StitchSpec): FlowKey {
+  return { shellAddr: spec.coreLeg.shell.address, peerAddr: spec.coreLeg.core.address, shellPort: spec.coreLeg.shell.port, peerPort: spec.coreLeg.core.port };
+}
+
+/**
+ * The stitch_cfg entry for a spec, from the tracking entries of its client leg (C<->A) and core leg
+ * (A<->B). dir[0] of a flow is the shell's direction, dir[1] the far end's.
+ *  - client bytes: seq_core = seq_client + ISN(A,core) - ISN(C) + P - k0
+ *  - core bytes:   seq_client = seq_core + ISN(A,client) - ISN(B) - R + j0
+ *  - TSval: each sender's TS clock relative to ktime (ts_base) gives the offset between the clock a
+ *    far end sees on its leg and the one the other far end sends with.
+ */
+export function computeStitchCfg(spec: StitchSpec, client: FlowVal, core: FlowVal, gen: number, flags: number, shellIfindex = 0): StitchCfg {
+  const side = (leg: FlowVal, other: FlowVal, far: { address: string; port: number }, shell: { address: string; port: number }, seqDelta: number): StitchSide => ({
+    farAddr: far.address, shellAddr: shell.address, farPort: far.port, shellPort: shell.port, seqDelta,
+    tsDelta: mod32(other.dir[0].tsBase - leg.dir[1].tsBase),
+    farIfindex: leg.peerIfindex, wsFar: scale(leg, 1), wsShell: scale(leg, 0), opts: legOpts(leg),
+  });
+  const dClient = mod32(BigInt(core.dir[0].isn) - BigInt(client.dir[1].isn) + BigInt(spec.corePreambleLength) - spec.clientOffset);
+  const dCore = mod32(BigInt(client.dir[0].isn) - BigInt(core.dir[1].isn) - BigInt(spec.coreAnswerLength) + spec.shellOffset);
+  return {
+    id: spec.id, gen, flags,
+    shellIfindex: client.shellIfindex || core.shellIfindex || shellIfindex,
+    side: [
+      side(client, core, spec.clientLeg.client, spec.clientLeg.shell, dClient),
+      side(core, client, spec.coreLeg.core, spec.coreLeg.shell, dCore),
+    ],
+  };
+}
+
+function checkSpec(spec: StitchSpec): void {
+  const bad = (what: string) => { throw new InvalidArgumentError(`stitch spec: ${what}`); };
+  if (!spec || typeof spec !== 'object') bad('must be an object');
+  if (!Number.isInteger(spec.id) || spec.id < 0 || spec.id > 0xffffffff) bad(`id must be a 32-bit unsigned integer (got ${String(spec.id)})`);
+  const ep = (e: { address: string; port: number } | undefined, name: string) => {
+    if (!e || typeof e.address !== 'string' || !/^\d{1,3}(\.\d{1,3}){3}$/.test(e.address)) bad(`${name}.address must be an IPv4 dotted quad`);
+    if (!Number.isInteger(e!.port) || e!.port < 1 || e!.port > 65535) bad(`${name}.port must be 1..65535`);
+  };
+  ep(spec.clientLeg?.client, 'clientLeg.client'); ep(spec.clientLeg?.shell, 'clientLeg.shell');
+  ep(spec.coreLeg?.shell, 'coreLeg.shell'); ep(spec.coreLeg?.core, 'coreLeg.core');
+  if (typeof spec.clientOffset !== 'bigint' || spec.clientOffset < 0n) bad('clientOffset must be a non-negative bigint');
+  if (typeof spec.shellOffset !== 'bigint' || spec.shellOffset < 0n) bad('shellOffset must be a non-negative bigint');
+  if (!Number.isInteger(spec.corePreambleLength) || spec.corePreambleLength < 0) bad('corePreambleLength must be a non-negative integer');
+  if (!Number.isInteger(spec.coreAnswerLength) || spec.coreAnswerLength < 0) bad('coreAnswerLength must be a non-negative integer');
+}
+
+/** The contract's view of the program's per-stitch state. */
+export function statusOf(id: number, st: StitchStateVal, cfgFlags = 0): StitchStatus {
+  let state: StitchState;
+  let reason: string | undefined;
+  const both = (bit: number) => (st.term & (bit << SIDE_CLIENT)) && (st.term & (bit << SIDE_CORE));
+  if (st.phase === PHASE_FAILED) { state = 'failed'; reason = 'untracked-leg'; }
+  else if (st.term & ((TERM_RST << SIDE_CLIENT) | (TERM_RST << SIDE_CORE))) { state = 'closed'; reason = 'rst'; }
+  else if (both(TERM_FIN) && both(TERM_FIN_ACKED)) { state = 'closed'; reason = 'fin'; }
+  else if (st.term & ((TERM_FIN << SIDE_CLIENT) | (TERM_FIN << SIDE_CORE))) { state = 'closing'; reason = 'fin'; }
+  else if (st.phase === PHASE_STITCHED || (cfgFlags & STITCH_FORCE_STITCHED)) state = 'stitched';
+  else state = 'draining';
+  const s: StitchStatus = {
+    id, state,
+    packetsClientToCore: Number(st.side[SIDE_CLIENT].packets), packetsCoreToClient: Number(st.side[SIDE_CORE].packets),
+    bytesClientToCore: Number(st.side[SIDE_CLIENT].bytes), bytesCoreToClient: Number(st.side[SIDE_CORE].bytes),
+    shellPacketsDropped: Number(st.side[SIDE_CLIENT].shellDropped + st.side[SIDE_CORE].shellDropped),
+  };
+  if (reason) s.reason = reason;
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Map driver: the install/remove protocol over an opened object (no attach, no timers).
+
+interface Installed { spec: StitchSpec; gen: number; cfg: StitchCfg; keys: [Buffer, Buffer]; last?: StitchStatus; drainSeen?: bigint }
+
+export class StitchMaps {
+  private gen = 0;
+  constructor(readonly maps: Readonly<Record<MapName, number>>) {
+    // Generations start from a random point so a restarted daemon never matches an old entry.
+    this.gen = randomBytes(4).readUInt32LE(0) & 0x7fffffff;
+  }
+
+  writeConfig(c: GlobalCfg): void {
+    native.mapUpdate(this.maps.config, u32Key(0), encodeGlobalCfg(c));
+  }
+
+  flow(key: FlowKey): FlowVal | undefined {
+    const v = native.mapLookup(this.maps.flows, encodeFlowKey(key), FLOW_VAL_SIZE);
+    return v ? decodeFlowVal(v) : undefined;
+  }
+
+  state(id: number): StitchStateVal | undefined {
+    const v = native.mapLookup(this.maps.stitch_state, u32Key(id), STITCH_STATE_SIZE);
+    return v ? decodeStitchState(v) : undefined;
+  }
+
+  cfg(id: number): StitchCfg | undefined {
+    const v = native.mapLookup(this.maps.stitch_cfg, u32Key(id), STITCH_CFG_SIZE);
+    return v ? decodeStitchCfg(v) : undefined;
+  }
+
+  /**
+   * Installs with the commit-key pattern: state, then both legs, then the commit entry (stitch_cfg)
+   * last; the program consults a leg only when the commit entry with the same generation exists.
+   * Throws UNTRACKED_LEG when a leg's handshake was not seen.
+   */
+  install(spec: StitchSpec, opts: { drain: boolean; shellIfindex?: number }): Installed {
+    checkSpec(spec);
+    const ck = clientLegKey(spec), kk = coreLegKey(spec);
+    const client = this.flow(ck), core = this.flow(kk);
+    const seen = (f: FlowVal | undefined) => !!f && (f.dir[0].flags & FLOW_SYN) !== 0 && (f.dir[1].flags & FLOW_SYN) !== 0;
+    const missing: Array<'client' | 'core'> = [];
+    if (!seen(client)) missing.push('client');
+    if (!seen(core)) missing.push('core');
+    if (missing.length) {
+      const what = (f: FlowVal | undefined) => !f ? 'no entry' : `SYN ${f.dir[1].flags & FLOW_SYN ? 'seen' : 'not seen'}, SYN-ACK ${f.dir[0].flags & FLOW_SYN ? 'seen' : 'not seen'}`;
+      throw untrackedLeg(spec.id, missing, missing.map((l) => `${l} leg: ${what(l === 'client' ? client : core)}`).join('; '));
+    }
+    this.gen = (this.gen + 1) >>> 0 || 1;
+    const gen = this.gen;
+    const cfg = computeStitchCfg(spec, client!, core!, gen, opts.drain ? 0 : STITCH_START_STITCHED, opts.shellIfindex ?? 0);
+    const keys: [Buffer, Buffer] = [encodeFlowKey(ck), encodeFlowKey(kk)];
+    const id = u32Key(spec.id);
+    native.mapUpdate(this.maps.stitch_state, id, encodeStitchStateInit(spec.id, gen));
+    native.mapUpdate(this.maps.legs, keys[0], encodeLegVal({ id: spec.id, gen, side: SIDE_CLIENT }));
+    native.mapUpdate(this.maps.legs, keys[1], encodeLegVal({ id: spec.id, gen, side: SIDE_CORE }));
+    native.mapUpdate(this.maps.stitch_cfg, id, encodeStitchCfg(cfg));
+    return { spec, gen, cfg, keys };
+  }
+
+  /** Removes in reverse: the commit entry first, then the legs, then the state (returned). */
+  remove(inst: Installed): StitchStateVal | undefined {
+    const id = u32Key(inst.spec.id);
+    native.mapDelete(this.maps.stitch_cfg, id);
+    for (const k of inst.keys) native.mapDelete(this.maps.legs, k);
+    const last = this.state(inst.spec.id);
+    native.mapDelete(this.maps.stitch_state, id);
+    return last;
+  }
+
+  /** Rewrites the commit entry with extra flags (same generation). */
+  setFlags(inst: Installed, flags: number): void {
+    inst.cfg = { ...inst.cfg, flags: inst.cfg.flags | flags };
+    native.mapUpdate(this.maps.stitch_cfg, u32Key(inst.spec.id), encodeStitchCfg(inst.cfg), 'exist');
+  }
+
+  stats(): Record<StatName, number> {
+    const info = native.mapInfo(this.maps.stats);
+    const v = native.mapLookup(this.maps.stats, u32Key(0), info.userValueSize);
+    const out = Object.fromEntries(STATS.map((n) => [n, 0])) as Record<StatName, number>;
+    if (!v) return out;
+    const stride = STATS_COUNT * 8;
+    for (let cpu = 0; cpu * stride < v.length; cpu++) {
+      STATS.forEach((n, i) => { out[n] += Number(v.readBigUInt64LE(cpu * stride + i * 8)); });
+    }
+    return out;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Interfaces
+
+interface IpAddrInfo { ifname: string; ifindex: number; flags?: string[]; addr_info?: Array<{ family: string; local: string; prefixlen: number }> }
+
+async function ipAddrs(): Promise<IpAddrInfo[]> {
+  return JSON.parse(await sh('ip', ['-j', 'addr', 'show'])) as IpAddrInfo[];
+}
+
+function parsePrefix(s: string): ShellPrefix {
+  const [addr, len] = s.split('/');
+  const prefixLength = len === undefined ? 32 : Number(len);
+  if (!addr || !/^\d{1,3}(\.\d{1,3}){3}$/.test(addr) || !Number.isInteger(prefixLength) || prefixLength < 0 || prefixLength > 32) {
+    throw new InvalidArgumentError(`shellAddresses: '${s}' is not an IPv4 address or prefix (a.b.c.d or a.b.c.d/n)`);
+  }
+  return { addr, prefixLength };
+}
+
+function checkOptions(o: EbpfDatapathOptions): void {
+  if (!o || typeof o.shellIface !== 'string' || !o.shellIface) throw new InvalidArgumentError('shellIface is required: the interface of S toward the shell');
+  if (o.mssClamp !== undefined && (!Number.isInteger(o.mssClamp) || o.mssClamp < 88 || o.mssClamp > 65535)) throw new InvalidArgumentError(`mssClamp must be an integer 88..65535 (got ${o.mssClamp}); leave it out to turn clamping off`);
+  if (o.dropPerMillion !== undefined && (!Number.isInteger(o.dropPerMillion) || o.dropPerMillion < 0 || o.dropPerMillion > 1_000_000)) throw new InvalidArgumentError(`dropPerMillion must be an integer 0..1000000 (got ${o.dropPerMillion})`);
+  if (o.shellAddresses !== undefined && (!Array.isArray(o.shellAddresses) || o.shellAddresses.length === 0 || o.shellAddresses.length > 4)) throw new InvalidArgumentError('shellAddresses must list 1 to 4 addresses or prefixes; leave it out to use the prefixes of shellIface');
+  if (o.pollIntervalMs !== undefined && (!Number.isFinite(o.pollIntervalMs) || o.pollIntervalMs < 1)) throw new InvalidArgumentError('pollIntervalMs must be >= 1');
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<EbpfDatapath> {
+  checkOptions(options);
+  const log = componentLogger('datapath', options.logger);
+  const links = await ipAddrs();
+  const byName = new Map(links.map((l) => [l.ifname, l]));
+  const shellLink = byName.get(options.shellIface);
+  if (!shellLink) throw new InvalidArgumentError(`shellIface ${options.shellIface} does not exist here (interfaces: ${[...byName.keys()].join(', ')})`);
+  const ifaces = options.ifaces ?? links.filter((l) => l.ifname !== 'lo' && !(l.flags ?? []).includes('LOOPBACK')).map((l) => l.ifname);
+  for (const i of ifaces) if (!byName.has(i)) throw new InvalidArgumentError(`interface ${i} does not exist here`);
+  if (!ifaces.includes(options.shellIface)) throw new InvalidArgumentError(`ifaces must include shellIface ${options.shellIface}: the shell's packets are tracked and silenced there`);
+  const ifindexOf = (name: string | undefined) => {
+    if (name === undefined) return 0;
+    const l = byName.get(name);
+    if (!l) throw new InvalidArgumentError(`interface ${name} does not exist here`);
+    return l.ifindex;
+  };
+  let shell: ShellPrefix[];
+  if (options.shellAddresses) shell = options.shellAddresses.map(parsePrefix);
+  else {
+    shell = (shellLink.addr_info ?? []).filter((a) => a.family === 'inet').map((a) => ({ addr: a.local, prefixLength: a.prefixlen }));
+    if (shell.length === 0) throw new InvalidArgumentError(`shellIface ${options.shellIface} has no IPv4 address: pass shellAddresses`);
+    shell = shell.slice(0, 4);
+  }
+
+  const obj = await openStitchObject({ bpffs: options.bpffs, objectPath: options.objectPath });
+  const maps = new StitchMaps(obj.maps);
+  const attached: Array<{ iface: string; ownQdisc: boolean }> = [];
+  const cloneMark = options.cloneMark ?? DEFAULT_CLONE_MARK;
+  let cfg: GlobalCfg = {
+    shell, shellIfindex: shellLink.ifindex, clientIfindex: ifindexOf(options.clientIface), coreIfindex: ifindexOf(options.coreIface),
+    dropPerMillion: options.dropPerMillion ?? 0, cloneMark, mssClamp: options.mssClamp ?? 0, flags: 0,
+  };
+
+  const detach = async () => {
+    for (const a of attached.splice(0).reverse()) {
+      await sh('tc', ['filter', 'del', 'dev', a.iface, 'ingress', 'pref', String(TC_PREF)]).catch((e) => log.warn('tc filter del failed', { iface: a.iface, err: e }));
+      if (a.ownQdisc) await sh('tc', ['qdisc', 'del', 'dev', a.iface, 'clsact']).catch((e) => log.warn('tc qdisc del failed', { iface: a.iface, err: e }));
+    }
+  };
+
+  try {
+    maps.writeConfig(cfg);
+    for (const iface of ifaces) {
+      const qd = await sh('tc', ['qdisc', 'show', 'dev', iface]);
+      const ownQdisc = !/\bclsact\b/.test(qd);
+      if (ownQdisc) await sh('tc', ['qdisc', 'add', 'dev', iface, 'clsact']);
+      attached.push({ iface, ownQdisc });
+      await sh('tc', ['filter', 'add', 'dev', iface, 'ingress', 'pref', String(TC_PREF), 'handle', '1', 'bpf', 'direct-action', 'object-pinned', obj.progPath]);
+    }
+  } catch (e) {
+    await detach();
+    await obj.close();
+    throw e;
+  }
+  log.info('eBPF datapath attached', { ifaces, shellIface: options.shellIface, shell: shell.map((p) => `${p.addr}/${p.prefixLength}`), pinDir: obj.pinDir, mssClamp: cfg.mssClamp || 'off' });
+
+  const installed = new Map<number, Installed>();
+  const listeners: Array<(s: StitchStatus) => void> = [];
+  const drain = options.drain ?? true;
+  let closed = false;
+  let timer: NodeJS.Timeout | undefined;
+
+  const emit = (s: StitchStatus) => {
+    for (const l of listeners) {
+      try { l({ ...s }); } catch (e) { log.error('state listener threw', { err: e }); }
+    }
+  };
+
+  const poll = () => {
+    const now = process.hrtime.bigint(); // CLOCK_MONOTONIC, like bpf_ktime_get_ns()
+    for (const [id, inst] of installed) {
+      let st: StitchStateVal | undefined;
+      try { st = maps.state(id); } catch (e) { log.warn('state read failed', { id, err: e }); continue; }
+      if (!st || st.gen !== inst.gen) continue;
+      // Idle connections: the program only acts on packets, so the hold of the drain condition is
+      // confirmed here once it has lasted two polls, and the program told to silence the shell.
+      if (st.phase !== PHASE_STITCHED && st.phase !== PHASE_FAILED && st.drainOkNs !== 0n &&
+          !(inst.cfg.flags & STITCH_FORCE_STITCHED)) {
+        if (inst.drainSeen === st.drainOkNs && now - st.drainOkNs >= 2_000_000n) {
+          try { maps.setFlags(inst, STITCH_FORCE_STITCHED); } catch (e) { log.warn('force-stitched update failed', { id, err: e }); }
+        }
+        inst.drainSeen = st.drainOkNs;
+      }
+      const s = statusOf(id, st, inst.cfg.flags);
+      if (!inst.last || inst.last.state !== s.state || inst.last.reason !== s.reason) {
+        log.info('stitch state', { id, state: s.state, reason: s.reason });
+        inst.last = s;
+        emit(s);
+      } else inst.last = s;
+    }
+  };
+
+  const schedule = () => {
+    if (timer || closed || installed.size === 0) return;
+    timer = setInterval(poll, options.pollIntervalMs ?? 10);
+    timer.unref();
+  };
+  const unschedule = () => {
+    if (timer && installed.size === 0) { clearInterval(timer); timer = undefined; }
+  };
+
+  const dp: EbpfDatapath = {
+    capabilities: {
+      translations: ['addr', 'port', 'seq', 'ack', 'sack', 'timestamps', 'wscale', 'mss-clamp', 'checksum'],
+      tableSize: MAX_STITCHES,
+    },
+    pinDir: obj.pinDir,
+    ifaces,
+    async install(spec) {
+      if (closed) throw new ClosedError('eBPF datapath is closed');
+      checkSpec(spec);
+      if (installed.has(spec.id)) throw new DatapathError(`stitch ${spec.id} is already installed`);
+      if (installed.size >= MAX_STITCHES) throw new DatapathError(`the datapath table is full (${MAX_STITCHES} stitches)`);
+      const inst = maps.install(spec, { drain, shellIfindex: shellLink.ifindex });
+      installed.set(spec.id, inst);
+      log.info('stitch installed', { id: spec.id, gen: inst.gen, drain, seqDelta: inst.cfg.side.map((s) => s.seqDelta), wscale: inst.cfg.side.map((s) => [s.wsFar, s.wsShell]) });
+      schedule();
+    },
+    async remove(id) {
+      const inst = installed.get(id);
+      if (!inst) return;
+      installed.delete(id);
+      const last = maps.remove(inst);
+      log.info('stitch removed', { id, state: last ? statusOf(id, last, inst.cfg.flags).state : 'unknown' });
+      unschedule();
+    },
+    status(id) {
+      const inst = installed.get(id);
+      if (!inst || closed) return undefined;
+      const st = maps.state(id);
+      return st && st.gen === inst.gen ? statusOf(id, st, inst.cfg.flags) : inst.last && { ...inst.last };
+    },
+    onStateChange(listener) { listeners.push(listener); },
+    stats: () => maps.stats(),
+    setDropPerMillion(ppm) {
+      checkOptions({ shellIface: options.shellIface, dropPerMillion: ppm });
+      cfg = { ...cfg, dropPerMillion: ppm };
+      maps.writeConfig(cfg);
+    },
+    rawState: (id) => maps.state(id),
+    flow: (key) => maps.flow(key),
+    async close() {
+      if (closed) return;
+      closed = true;
+      if (timer) clearInterval(timer);
+      timer = undefined;
+      installed.clear();
+      await detach();
+      await obj.close();
+      log.info('eBPF datapath detached', { ifaces });
+    },
+  };
+  return dp;
+}
+
