@@ -238,9 +238,13 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
   readonly #waitMs: number;
   #discovery: DiscoveryStatus;
   #discovering?: Promise<DiscoveryStatus>;
+  /** Something changed while a discovery was running: run one more after it. */
+  #again = false;
   #client?: ControlClient;
   /** `address:port` of the switch the control client talks to. */
   #clientFor?: string;
+  /** The address the control client sends from (auto mode: the ingress/egress point's). */
+  #clientLocal?: string;
   /** The last boot id seen of the switch at `where`, from discovery or the control client. */
   #boot?: { where: string; bootId: string };
   /** Stitches this agent installed, by connection id, to re-install after a switch restart. */
@@ -297,7 +301,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
     every(this.#policy.evaluationIntervalMs, () => this.#evaluate());
     const d = this.#opts.discovery ?? {};
     const rediscover = d.rediscoverMs ?? DEFAULT_REDISCOVER_MS;
-    if (this.#mode !== 'off' && rediscover > 0) every(rediscover, () => void this.discover());
+    if (this.#mode !== 'off' && rediscover > 0) every(rediscover, () => this.#rediscover());
     const poll = d.interfacePollMs ?? DEFAULT_POLL_MS;
     if (this.#mode === 'auto' && poll > 0) {
       every(poll, () => {
@@ -305,7 +309,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
         if (now === this.#fingerprint) return;
         this.#fingerprint = now;
         this.#log.info('interfaces or routes changed; discovering again');
-        void this.discover();
+        this.#rediscover();
       });
     }
   }
@@ -353,6 +357,8 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
       this.#settings = openSettings({
         ...(controlPath !== undefined && { controlPath }), ...(settingsDir !== undefined && { cwd: settingsDir }), logger: this.#log,
       });
+      const choice = this.#opts.switch;
+      this.#settings.update({ switchMode: choice.mode, switchAddress: choice.mode === 'preconfigured' ? `${choice.host}:${choice.port}` : null });
     } catch (err) {
       this.#log.warn('agent settings cannot be opened; the discovery result is not persisted', { error: (err as Error).message });
     }
@@ -373,8 +379,21 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
 
   discover(): Promise<DiscoveryStatus> {
     if (this.#closed) return Promise.reject(new ClosedError('the agent was closed'));
-    this.#discovering ??= this.#runDiscovery().finally(() => { this.#discovering = undefined; });
+    this.#discovering ??= this.#runDiscovery().finally(() => {
+      this.#discovering = undefined;
+      if (this.#again && !this.#closed) {
+        this.#again = false;
+        this.#rediscover();
+      }
+    });
     return this.#discovering;
+  }
+
+  /** Discover again; if a discovery is running, once more after it (it may have seen the host as it was). */
+  #rediscover(): void {
+    if (this.#closed) return;
+    if (this.#discovering) { this.#again = true; return; }
+    this.discover().catch(() => undefined);
   }
 
   async #runDiscovery(): Promise<DiscoveryStatus> {
@@ -521,8 +540,12 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
   #ensureClient(address: string, port: number, localAddress?: string): ControlClient {
     if (this.#closed) throw new ClosedError('the agent was closed');
     const where = `${address}:${port}`;
-    if (this.#client && this.#clientFor === where) return this.#client;
-    if (this.#client) {
+    if (this.#client && this.#clientFor === where && (localAddress === undefined || localAddress === this.#clientLocal)) return this.#client;
+    if (this.#client && this.#clientFor === where) {
+      // Same switch, but the shell's address changed: stitches must come from the new one.
+      this.#log.info('the shell address changed; new control socket', { previous: this.#clientLocal, localAddress });
+      this.#dropClient();
+    } else if (this.#client) {
       this.#log.warn('the switch changed; stitches installed on the previous one are forgotten', { previous: this.#clientFor, switch: where, stitches: this.#installed.size });
       this.#installed.clear();
       this.#dropClient();
@@ -541,6 +564,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
     });
     this.#client = client;
     this.#clientFor = where;
+    this.#clientLocal = localAddress;
     return client;
   }
 

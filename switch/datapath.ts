@@ -422,7 +422,8 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       const ownQdisc = !/\bclsact\b/.test(qd);
       if (ownQdisc) await sh('tc', ['qdisc', 'add', 'dev', iface, 'clsact']);
       attached.push({ iface, ownQdisc });
-      await sh('tc', ['filter', 'add', 'dev', iface, 'ingress', 'pref', String(TC_PREF), 'handle', '1', 'bpf', 'direct-action', 'object-pinned', obj.progPath]);
+      // replace: a daemon that died without close() left its filter; the new one takes its place
+      await sh('tc', ['filter', 'replace', 'dev', iface, 'ingress', 'pref', String(TC_PREF), 'handle', '1', 'bpf', 'direct-action', 'object-pinned', obj.progPath]);
     }
   } catch (e) {
     await detach();
@@ -478,7 +479,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
 
   const dp: EbpfDatapath = {
     capabilities: {
-      translations: ['addr', 'port', 'seq', 'ack', 'sack', 'timestamps', 'wscale', 'mss-clamp', 'checksum'],
+      translations: ['addr', 'port', 'seq', 'ack', 'sack', 'timestamps', 'wscale', 'mss-clamp', 'icmp', 'checksum'],
       tableSize: MAX_STITCHES,
     },
     pinDir: obj.pinDir,

@@ -14,6 +14,7 @@
 #define PARSE_OK        0
 #define PARSE_NOT_TCP   1  /* not IPv4/TCP, or a fragment: pass untouched */
 #define PARSE_MALFORMED 2  /* truncated, bad lengths or options: pass untouched */
+#define PARSE_ICMP      3  /* an unfragmented ICMP message: icmp.h may translate it */
 
 #define HB(i) ((i) & (HDR_BUF - 1))
 
@@ -145,6 +146,8 @@ __attribute__((noinline)) int parse_packet(struct __sk_buff *skb)
 		return PARSE_NOT_TCP;
 	if (iph.frag_off & bpf_htons(IP_MF | IP_OFFSET))
 		return PARSE_NOT_TCP;
+	if (iph.protocol == IPPROTO_ICMP)
+		return PARSE_ICMP;
 	if (iph.protocol != IPPROTO_TCP)
 		return PARSE_NOT_TCP;
 	ihl = iph.ihl * 4;

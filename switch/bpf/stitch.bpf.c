@@ -2,12 +2,13 @@
 /* tcp-stitch: the switch's fast path. One tc clsact direct-action program (section "tc"), attached
  * on ingress of every interface of S. Per packet (docs/datapath.md has the full decision table):
  *   - a clone re-entering for the shell (skb->mark == clone mark)      -> handle_clone
+ *   - an ICMP error quoting a stitched flow's translated packet        -> stitch_icmp (back to its sender)
  *   - not IPv4/TCP, fragment, truncated, bad options                   -> pass untouched
  *   - TCP not to or from the shell                                     -> pass untouched
  *   - a flow of a committed stitch, from its far end                   -> stitch_from_far (translate)
  *   - a flow of a committed stitch, from the shell                     -> stitch_from_shell (drain/silence)
  *   - any other flow of the shell                                      -> track_packet (and MSS clamp)
- * Helpers by job: parsing.h, csum.h, seq.h, tracking.h, translate.h; data in stitch_*.h. */
+ * Helpers by job: parsing.h, csum.h, seq.h, tracking.h, translate.h, icmp.h; data in stitch_*.h. */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
@@ -20,6 +21,7 @@
 #include "seq.h"
 #include "tracking.h"
 #include "translate.h"
+#include "icmp.h"
 
 SEC("tc")
 int stitch_tc(struct __sk_buff *skb)
@@ -39,6 +41,8 @@ int stitch_tc(struct __sk_buff *skb)
 		return handle_clone(skb);
 
 	r = parse_packet(skb);
+	if (r == PARSE_ICMP)
+		return stitch_icmp(skb);
 	if (r != PARSE_OK) {
 		stat_inc(r == PARSE_MALFORMED ? ST_MALFORMED : ST_NOT_TCP);
 		return TC_ACT_OK;

@@ -10,7 +10,10 @@
 
 #define ETH_HLEN         14
 #define ETH_P_IP         0x0800
+#define IPPROTO_ICMP     1
 #define IPPROTO_TCP      6
+#define ICMP_DEST_UNREACH  3
+#define ICMP_TIME_EXCEEDED 11
 #define IP_MF            0x2000
 #define IP_OFFSET        0x1fff
 
@@ -96,6 +99,7 @@
 #define ST_INJECTED_DROP 11
 #define ST_STALE_GEN     12  /* leg without a matching commit entry */
 #define ST_ERRORS        13  /* helper failures */
+#define ST_ICMP          14  /* ICMP errors about a stitched flow translated back */
 #define ST_COUNT         16
 
 #endif

@@ -29,41 +29,48 @@ static __always_inline __u32 clamp_win(__u32 edge, __u32 ack, __u32 shift)
 	return w > 65535 ? 65535 : w;
 }
 
-/* Sets every SACK block edge to edge - delta (delta 0: unchanged); returns 1 if some block end
- * lies after `limit` (when check_limit). */
-static __always_inline int sack_shift(struct scratch *s, __u32 delta, __u32 limit, int check_limit)
+/* Rewrites the SACK option: every block edge becomes edge - delta; when `lo_on`, blocks that end at
+ * or below `lo` are dropped and starts below it raised to it (a far end must never see a block
+ * below an ack it was given: it counts it as invalid); when `hi_on`, blocks ending after `hi` are
+ * dropped. Kept blocks move to the front, the option shrinks, freed bytes become NOPs.
+ * Returns the number of blocks kept. */
+static __always_inline __u32 sack_rewrite(struct scratch *s, __u32 delta, __u32 lo, int lo_on, __u32 hi, int hi_on)
 {
-	__u32 off = s->p.sack_off + 2;
-	int beyond = 0;
+	__u32 off = s->p.sack_off, n = s->p.sack_n, kept = 0;
 
 #pragma clang loop unroll(full)
 	for (int i = 0; i < SACK_MAX_BLOCKS; i++) {
-		if (i < s->p.sack_n) {
-			__u32 a = rd32(s->old_hdr, off + 8 * i), b = rd32(s->old_hdr, off + 8 * i + 4);
+		if (i < n) {
+			__u32 a = rd32(s->old_hdr, off + 2 + 8 * i) - delta;
+			__u32 b = rd32(s->old_hdr, off + 2 + 8 * i + 4) - delta;
 
-			if (check_limit && seq_after(b, limit))
-				beyond = 1;
-			wr32(s->hdr, off + 8 * i, a - delta);
-			wr32(s->hdr, off + 8 * i + 4, b - delta);
+			if (lo_on && !seq_after(b, lo))
+				continue;
+			if (hi_on && seq_after(b, hi))
+				continue;
+			if (lo_on && seq_before(a, lo))
+				a = lo;
+			wr32(s->hdr, off + 2 + 8 * kept, a);
+			wr32(s->hdr, off + 2 + 8 * kept + 4, b);
+			kept++;
 		}
 	}
-	return beyond;
-}
-
-/* Replaces the whole SACK option by NOPs (the length stays, the information goes). */
-static __always_inline void sack_erase(struct scratch *s)
-{
-	__u32 off = s->p.sack_off, len = 2 + 8 * (__u32)s->p.sack_n;
-
+	if (kept == n)
+		return kept;
+	/* NOP out what is no longer used; without blocks, the whole option */
 #pragma clang loop unroll(full)
 	for (int i = 0; i < 2 + 8 * SACK_MAX_BLOCKS; i++) {
-		if (i < len)
+		if (i < 2 + 8 * n && (kept == 0 || i >= 2 + 8 * kept))
 			s->hdr[HB(off + i)] = TCPOPT_NOP;
 	}
+	if (kept)
+		s->hdr[HB(off + 1)] = 2 + 8 * kept;
+	return kept;
 }
 
-/* The first packet after the commit takes the snapshot the drain works from: the shell's advertised
- * edges (the boundaries), what it was handed, what each far end acked and saw. */
+/* The first packet after the commit takes the snapshot the drain works from: the boundaries, what
+ * the shell was handed, what each far end acked and saw. Boundary of stream s: far s's bytes below
+ * it go to the shell; see docs/handover.md, rule 1. */
 static __always_inline __u32 take_snapshot(const struct stitch_cfg *sc, struct stitch_state *st, __u64 now)
 {
 	__u32 ph = READ_ONCE32(st->phase), next;
@@ -84,10 +91,14 @@ static __always_inline __u32 take_snapshot(const struct stitch_cfg *sc, struct s
 	}
 #pragma clang loop unroll(full)
 	for (int s = 0; s < 2; s++) {
-		struct flow_val *f = s ? f1 : f0;
+		struct flow_val *f = s ? f1 : f0, *fo = s ? f0 : f1;
 		struct stitch_state_side *ss = &st->side[s];
+		/* the shell's advertised edge, and the other far end's edge mapped onto this leg */
+		__u32 e_shell = f->dir[0].edge_hi, e_other = fo->dir[1].edge_hi - sc->side[s].seq_delta;
 
-		ss->boundary = seq_max(f->dir[0].edge_hi, f->dir[1].seq_hi);
+		/* Far s may send up to e_shell. If the other far end can take all of that, every byte
+		 * the shell was not handed yet goes there; if not, the shell keeps what it promised. */
+		ss->boundary = seq_before(e_other, e_shell) ? seq_max(e_shell, f->dir[1].seq_hi) : f->dir[1].seq_hi;
 		ss->handed = f->dir[1].seq_hi;
 		ss->ack_far = f->dir[1].ack_hi;
 		ss->edge_far = f->dir[1].edge_hi;
@@ -104,23 +115,23 @@ static __always_inline __u32 take_snapshot(const struct stitch_cfg *sc, struct s
 	return READ_ONCE32(st->phase);
 }
 
-/* Drain complete, per stream s: the shell acked everything it was handed (no hole left in it), the
- * other far end acked all of that (the shell relayed it), and the other far end's window covers the
- * edge the shell had advertised. Held DRAIN_HOLD_NS, then the shell is silenced. */
-static __always_inline void drain_check(const struct stitch_cfg *sc, struct stitch_state *st,
-					const struct flow_val *f0, const struct flow_val *f1, __u64 now)
+/* Drain complete, per stream s: the other far end acknowledged everything the shell was handed of
+ * stream s (so nothing the shell holds, and nothing far s was told is acknowledged, is missing
+ * there), and its window covers the edge the shell had advertised to far s (no shrinking window
+ * once the shell's edge is no longer honoured). Held DRAIN_HOLD_NS, then the shell is silenced.
+ * Whether the shell acknowledged its copies is not asked: bytes nobody acknowledged to far s are
+ * retransmitted by far s (and reach the shell again if they lie below the boundary). */
+static __always_inline void drain_check(const struct stitch_cfg *sc, struct stitch_state *st, __u64 now)
 {
 	int ok = 1;
 	__u64 t;
 
 #pragma clang loop unroll(full)
 	for (int s = 0; s < 2; s++) {
-		const struct flow_val *f = s ? f1 : f0;
 		const struct stitch_state_side *ss = &st->side[s], *so = &st->side[s ^ 1];
 		__u32 d = sc->side[s].seq_delta;
 
-		if (seq_before(f->dir[0].ack_hi, ss->handed) ||
-		    seq_before(so->ack_far - d, ss->handed) ||
+		if (seq_before(so->ack_far - d, ss->handed) ||
 		    seq_before(so->edge_far - d, ss->boundary))
 			ok = 0;
 	}
@@ -167,7 +178,8 @@ static __always_inline __u32 out_ifindex(const struct global_cfg *g, const struc
 }
 
 /* A packet from far end s of a committed stitch: translate it to far end o; while draining, clone
- * it first to the shell when the shell needs its data or its ack (see handle_clone). */
+ * it first to the shell when the shell needs its data or its ack (see handle_clone), and send far o
+ * only the ACK of data that belongs to the shell. */
 __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, __u32 s)
 {
 	struct scratch *scr = get_scratch();
@@ -176,8 +188,8 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 	struct stitch_state *st = bpf_map_lookup_elem(&stitch_state, &id);
 	struct flow_val *fs = 0, *fo = 0;
 	__u64 now = bpf_ktime_get_ns();
-	__u32 o, phase, nseq, nack, edge, nwin;
-	int draining;
+	__u32 o, phase, nseq, nack = 0, edge, nwin;
+	int draining, shell_data = 0;
 	struct pkt *p;
 
 	if (!skb || !scr || !g || !sc || !st || st->gen != sc->gen)
@@ -206,16 +218,19 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 	if (draining && fs && fo) {
 		struct stitch_state_side *ss = &st->side[s];
 		__u32 snd_nxt = fs->dir[0].seq_hi;
-		int want = p->payload && seq_before(p->seq, ss->boundary);
+		int want;
 
-		if (want) {
+		/* Data below the boundary belongs to the shell (rule 1): it gets the data, far o gets
+		 * only the ACK (far o may have no room for those bytes; a segment beyond its window
+		 * would be dropped together with the ACK it carries). A FIN stays on the data. */
+		shell_data = p->payload && seq_before(p->seq, ss->boundary);
+		want = shell_data;
+		if (shell_data) {
 			seq_raise(&ss->handed, p->seq + p->payload);
 		} else if ((p->flags & TCP_ACK) && !(p->flags & TCP_RST)) {
-			__u32 ackc = seq_min(p->ack, snd_nxt);
-
-			want = seq_raise(&ss->ack_to_shell, ackc);
-			if (seq_after(snd_nxt, ackc) &&
-			    seq_raise(&ss->edge_to_shell, p->ack + ((__u32)p->win << (sc->side[s].ws_far & 15))))
+			/* an ACK the shell has not had yet: the ack it may take, or a wider window */
+			want = seq_raise(&ss->ack_to_shell, seq_min(p->ack, snd_nxt));
+			if (seq_raise(&ss->edge_to_shell, p->ack + ((__u32)p->win << (sc->side[s].ws_far & 15))))
 				want = 1;
 		}
 		if (want && !(p->flags & TCP_RST)) {
@@ -230,7 +245,9 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 				skb->mark = mark;
 			}
 		}
-		drain_check(sc, st, s ? fo : fs, s ? fs : fo, now);
+		if (shell_data && (p->flags & TCP_FIN))
+			shell_data = 0;
+		drain_check(sc, st, now);
 	}
 
 	if (g->drop_ppm && bpf_get_prandom_u32() % 1000000 < g->drop_ppm) {
@@ -241,9 +258,12 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 	if (p->ttl <= 1) /* let the kernel answer "time exceeded" to the sender */
 		return TC_ACT_OK;
 
-	/* sequence space of leg o */
-	nseq = p->seq + sc->side[s].seq_delta;
+	/* sequence space of leg o; the ACK of shell data goes at what far o last acknowledged
+	 * (its rcv_nxt then: always acceptable to it) */
+	nseq = shell_data ? st->side[o].ack_far : p->seq + sc->side[s].seq_delta;
 	wr32(scr->hdr, 4, nseq);
+	if (shell_data)
+		scr->hdr[13] = p->flags & ~(TCP_PSH | TCP_URG);
 	wr16(scr->hdr, 0, bpf_ntohs(sc->side[o].shell_port));
 	wr16(scr->hdr, 2, bpf_ntohs(sc->side[o].far_port));
 	if (p->flags & TCP_ACK) {
@@ -274,13 +294,14 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 		wr32(scr->hdr, p->ts_off + 2, tsv);
 		wr32(scr->hdr, p->ts_off + 6, tse);
 	}
-	if (p->sack_off)
-		sack_shift(scr, sc->side[o].seq_delta, 0, 0);
+	if (p->sack_off) /* while draining the ack may be raised: no block may lie below it */
+		sack_rewrite(scr, sc->side[o].seq_delta, nack, draining && (p->flags & TCP_ACK), 0, 0);
 
 	__sync_fetch_and_add(&st->side[s].packets, 1);
-	__sync_fetch_and_add(&st->side[s].bytes, p->payload);
+	if (!shell_data)
+		__sync_fetch_and_add(&st->side[s].bytes, p->payload);
 	stat_inc(ST_TRANSLATED);
-	if (apply_rewrite(skb, sc->side[o].shell_addr, sc->side[o].far_addr, RW_TTL)) {
+	if (apply_rewrite(skb, sc->side[o].shell_addr, sc->side[o].far_addr, RW_TTL | (shell_data ? RW_TRIM : 0))) {
 		stat_inc(ST_ERRORS);
 		return TC_ACT_SHOT;
 	}
@@ -334,12 +355,12 @@ __attribute__((noinline)) int stitch_from_shell(struct __sk_buff *skb, __u32 id,
 	if (p->ts_off && (sc->side[s].opts & SIDE_TS))
 		wr32(scr->hdr, p->ts_off + 2, seq_raise_get(&ss->ts_seen, p->tsval));
 	/* the shell's SACK blocks above its old edge describe bytes it will never relay */
-	if (p->sack_off && sack_shift(scr, 0, ss->boundary, 1))
-		sack_erase(scr);
+	if (p->sack_off)
+		sack_rewrite(scr, 0, nack, 1, ss->boundary, 1);
 
 	__sync_fetch_and_add(&ss->shell_passed, 1);
 	stat_inc(ST_SHELL_PASSED);
-	drain_check(sc, st, s ? fo : fs, s ? fs : fo, now);
+	drain_check(sc, st, now);
 	if (apply_rewrite(skb, p->saddr, p->daddr, 0)) {
 		stat_inc(ST_ERRORS);
 		goto drop;
@@ -397,8 +418,8 @@ __attribute__((noinline)) int handle_clone(struct __sk_buff *skb)
 	wr32(scr->hdr, 8, nack);
 	wr16(scr->hdr, 14, clamp_win(edge, nack, shift));
 	scr->hdr[13] = p->flags & ~(TCP_FIN | TCP_RST | TCP_SYN | TCP_URG | (data ? 0 : TCP_PSH));
-	if (p->sack_off && sack_shift(scr, 0, snd_nxt, 1))
-		sack_erase(scr);
+	if (p->sack_off) /* blocks about bytes the shell never sent would be invalid to it */
+		sack_rewrite(scr, 0, nack, 1, snd_nxt, 1);
 	if (!data)
 		wr32(scr->hdr, 4, fs->dir[0].ack_hi);
 	ifx = sc->shell_ifindex ? sc->shell_ifindex : g->shell_ifindex;
