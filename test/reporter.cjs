@@ -1,5 +1,5 @@
 // mocha's spec reporter plus one plain closing line, "N passed, N failed, N skipped", that CI reads.
-const Spec = require('mocha/lib/reporters/spec');
+const { reporters: { Spec } } = require('mocha');
 
 class Reporter extends Spec {
   constructor(runner, options) {
