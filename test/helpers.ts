@@ -2,6 +2,8 @@
 import { once } from 'node:events';
 import net from 'node:net';
 import { createHash } from 'node:crypto';
+import { Writable } from 'node:stream';
+import winston from 'winston';
 
 /** Counts of active libuv resources by kind (TCPSocketWrap, TCPServerWrap, Timeout, ...). */
 export function activeResources(): Record<string, number> {
@@ -85,4 +87,14 @@ export function projectTimers(): string[] {
     destroy(id) { liveTimers.delete(id); },
   }).enable();
   return [...liveTimers.values()];
+}
+
+/** A winston logger whose JSON lines the test can read back. */
+export function captureLogger(): { logger: winston.Logger; lines: Record<string, unknown>[] } {
+  const lines: Record<string, unknown>[] = [];
+  const stream = new Writable({
+    write(chunk, _enc, cb) { lines.push(JSON.parse(String(chunk))); cb(); },
+  });
+  const logger = winston.createLogger({ format: winston.format.json(), transports: [new winston.transports.Stream({ stream })] });
+  return { logger, lines };
 }

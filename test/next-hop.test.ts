@@ -1,21 +1,12 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import { Writable } from 'node:stream';
 import { pathToFileURL } from 'node:url';
-import winston from 'winston';
 import type { IngressEgressPoint, Route } from '../agent/interfaces.ts';
 import { findNextHop, type PingSession, type PingSessionFactory, type PingSessionOptions } from '../agent/next-hop.ts';
 import { createTopology, PROJECT_ROOT, requirePrivileges, tsxLoader, type Host, type Topology } from './hosts.ts';
+import { captureLogger } from './helpers.ts';
 
-function captureLogger(): { logger: winston.Logger; lines: Record<string, unknown>[] } {
-  const lines: Record<string, unknown>[] = [];
-  const stream = new Writable({
-    write(chunk, _enc, cb) { lines.push(JSON.parse(String(chunk))); cb(); },
-  });
-  const logger = winston.createLogger({ format: winston.format.json(), transports: [new winston.transports.Stream({ stream })] });
-  return { logger, lines };
-}
 
 /** net-ping's error shapes: a name and, for ICMP errors, the answering address in `.source`. */
 function netPingError(name: string, source?: string): Error {

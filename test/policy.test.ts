@@ -2,26 +2,17 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Writable } from 'node:stream';
 import fc from 'fast-check';
-import winston from 'winston';
 import {
   createPolicyEngine, defaultPolicy, findJsonSyntaxError, loadPolicyFile, policySchema, validatePolicy,
   type Policy, type PolicyConnection, type PolicyErrorWithIssues, type ShellLoad,
 } from '../agent/policy.ts';
 import { openSettings, parseSwitchOption, settingsNameFor } from '../agent/settings.ts';
 import { PROJECT_ROOT } from './hosts.ts';
+import { captureLogger } from './helpers.ts';
 
 const EXAMPLES = path.join(PROJECT_ROOT, 'examples', 'policies');
 
-function captureLogger(): { logger: winston.Logger; lines: Record<string, unknown>[] } {
-  const lines: Record<string, unknown>[] = [];
-  const stream = new Writable({
-    write(chunk, _enc, cb) { lines.push(JSON.parse(String(chunk))); cb(); },
-  });
-  const logger = winston.createLogger({ format: winston.format.json(), transports: [new winston.transports.Stream({ stream })] });
-  return { logger, lines };
-}
 
 /** The PolicyError a call throws (fails the test if it does not throw one). */
 function policyErrorOf(fn: () => unknown): PolicyErrorWithIssues {
