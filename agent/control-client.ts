@@ -381,8 +381,10 @@ class ControlClientImpl extends EventEmitter<ControlClientEvents> implements Con
     w.acked.set(m.nonce, seq);
     if (w.acked.size > Number(NOTIFY_WINDOW)) w.acked.delete(w.acked.keys().next().value!);
     this.stats.notifies++;
-    this.ackNotify(m);
+    // Acked after the listeners ran: for a final state the switch frees the stitch (and stops
+    // silencing the shell's legs) on this ack, so the shell must have dropped its sockets first.
     this.emit('notify', { status: m.status, bootId: m.bootId });
+    this.ackNotify(m);
   }
 
   private ackNotify(m: NotifyRequest): void {

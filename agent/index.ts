@@ -14,11 +14,11 @@ import os from 'node:os';
 import { performance } from 'node:perf_hooks';
 import {
   ClosedError, InvalidArgumentError, SwitchError, componentLogger,
-  type DiscoveryChangeMessage, type LogicalConnection, type Logger, type Shell, type StitchDecisionMessage, type Stitcher,
+  type DiscoveryChangeMessage, type LogicalConnection, type Logger, type Shell, type StitchDecisionMessage, type Stitcher, type StitchTarget,
   type SwitchRestartMessage,
 } from '../sdk/index.ts';
 import { publish } from '../sdk/diagnostics.ts';
-import { DEFAULT_PORT, type Key, type StitchLegs, type StitchRecord } from '../switch/index.ts';
+import { DEFAULT_PORT, type Key, type StitchLegs, type StitchRecord, type StitchState, type StitchStatus } from '../switch/index.ts';
 import { countIngressEgress, parseRouteTable } from './interfaces.ts';
 import { findNextHop, type ProbeMode } from './next-hop.ts';
 import { probeSwitch, whyIncapable, type SwitchCapabilities } from './discovery-probe.ts';
@@ -67,6 +67,19 @@ export interface AgentOptions {
   };
   /** Directory of the persisted settings. Default: the user config directory, and only when controlPath is given. */
   settingsDir?: string;
+  /** How long a stitch may stay 'draining' before the agent gives up on the handover. Default 10 000 ms. */
+  stitchTimeoutMs?: number;
+}
+
+/** A stitch this agent installed: to re-install after a switch restart, and to end at its NOTIFY. */
+interface Installed {
+  legs: StitchLegs;
+  id: number;
+  state: StitchState;
+  /** The shell's end() for this connection (StitchTarget). */
+  end: StitchTarget['end'];
+  /** Set while the stitcher waits for the drain to complete. */
+  settled?: (err?: Error) => void;
 }
 
 /** The last discovery result. `reason` is short and stable; `detail` says more, for humans. */
@@ -152,7 +165,7 @@ const DEFAULT_WAIT_MS = 3_000;
 const DEFAULT_REDISCOVER_MS = 30_000;
 const DEFAULT_POLL_MS = 3_000;
 const MAX_RETRY_MS = 60_000;
-const MANUAL_CONCURRENCY = 32;
+const MANUAL_CONCURRENCY = 256;
 
 // ---------------------------------------------------------------------------------------------
 // --switch
@@ -215,6 +228,9 @@ function checkOptions(opts: AgentOptions): void {
   ms(d.waitMs, 'waitMs', 1);
   ms(d.rediscoverMs, 'rediscoverMs', 0);
   ms(d.interfacePollMs, 'interfacePollMs', 0);
+  if (opts.stitchTimeoutMs !== undefined && (typeof opts.stitchTimeoutMs !== 'number' || !(opts.stitchTimeoutMs >= 1 && opts.stitchTimeoutMs <= 3_600_000))) {
+    throw new InvalidArgumentError(`stitchTimeoutMs must be a number of milliseconds from 1 to 3600000, got ${String(opts.stitchTimeoutMs)}`);
+  }
   if (d.nextHopProbe !== undefined && !['when-unclear', 'always', 'never'].includes(d.nextHopProbe)) {
     throw new InvalidArgumentError(`discovery.nextHopProbe must be "when-unclear", "always" or "never", got ${JSON.stringify(d.nextHopProbe)}`);
   }
@@ -248,7 +264,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
   /** The last boot id seen of the switch at `where`, from discovery or the control client. */
   #boot?: { where: string; bootId: string };
   /** Stitches this agent installed, by connection id, to re-install after a switch restart. */
-  readonly #installed = new Map<string, { legs: StitchLegs; id: number }>();
+  readonly #installed = new Map<string, Installed>();
   readonly #decisions = new Map<string, { key: string; stitch: boolean; reason: string }>();
   readonly #backoff = new Map<string, { until: number; failures: number }>();
   readonly #inFlight = new Set<string>();
@@ -258,6 +274,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
   #fingerprint = '';
   #started = false;
   #closed = false;
+  readonly #stitchTimeoutMs: number;
   #closing?: Promise<void>;
 
   constructor(opts: AgentOptions) {
@@ -269,6 +286,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
     if (opts.keys?.length) this.#key = opts.keys[0];
     this.#mode = opts.switch.mode;
     this.#waitMs = opts.discovery?.waitMs ?? DEFAULT_WAIT_MS;
+    this.#stitchTimeoutMs = opts.stitchTimeoutMs ?? 10_000;
     // Sync and up front, so a bad policy file stops the shell at start with the offending field.
     const policy = opts.policyFile !== undefined ? loadPolicyFile(opts.policyFile) : defaultPolicy();
     this.#policy = createPolicyEngine({ policy, ...(opts.policyFile !== undefined && { file: opts.policyFile }), logger: this.#log });
@@ -342,9 +360,11 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
     this.#load?.close();
     this.#shell.off('connection:close', this.#onConnectionClose);
     this.#shell.setStitcher(undefined);
+    for (const s of this.#installed.values()) s.settled?.(new ClosedError('the agent was closed during the handover'));
   }
 
   readonly #onConnectionClose = ({ connection }: { connection: LogicalConnection }) => {
+    this.#installed.get(connection.id)?.settled?.(new ClosedError('the connection closed during the handover'));
     this.#installed.delete(connection.id);
     this.#decisions.delete(connection.id);
     this.#backoff.delete(connection.id);
@@ -554,14 +574,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
       switchAddress: address, port, key: this.#key!, logger: this.#log, ...(localAddress !== undefined && { localAddress }),
     });
     client.on('switch:restarted', (e) => this.#observeBoot(where, e.bootId));
-    client.on('notify', ({ status }) => {
-      if (status.state !== 'closed' && status.state !== 'failed') return;
-      for (const [connectionId, s] of this.#installed) {
-        if (s.id !== status.id) continue;
-        this.#installed.delete(connectionId);
-        this.#log.info('stitch ended at the switch', { connectionId, stitchId: status.id, state: status.state, reason: status.reason });
-      }
-    });
+    client.on('notify', ({ status }) => this.#onNotify(status));
     this.#client = client;
     this.#clientFor = where;
     this.#clientLocal = localAddress;
@@ -614,8 +627,31 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
     }));
   }
 
-  /** The shell calls this to move a connection to phase 3. Resolves once the switch answered SUCCESS. */
-  readonly #stitcher: Stitcher = async ({ connection, mapping }) => {
+  /**
+   * A state change of one of our stitches. 'stitched' completes the handover; 'closed' (FIN/RST seen
+   * by the switch) ends the connection at the shell, synchronously, before the control client acks
+   * the NOTIFY, since the ack lets the switch stop silencing the shell's legs.
+   */
+  #onNotify(status: StitchStatus): void {
+    const found = [...this.#installed].find(([, s]) => s.id === status.id);
+    if (!found) return;
+    const [connectionId, s] = found;
+    s.state = status.state;
+    if (status.state === 'stitched' || status.state === 'closing') s.settled?.();
+    if (status.state !== 'closed' && status.state !== 'failed') return;
+    this.#installed.delete(connectionId);
+    this.#log.info('stitch ended at the switch', { connectionId, stitchId: status.id, state: status.state, reason: status.reason });
+    if (status.state === 'failed') return s.settled?.(new SwitchError(`the switch failed the stitch: ${status.reason ?? 'no reason given'}`));
+    s.settled?.();
+    s.end(status.reason === 'client-rst' ? 'client-reset' : status.reason === 'core-rst' || status.reason === 'rst' ? 'core-reset' : 'fin');
+  }
+
+  /**
+   * The shell calls this to move a connection to phase 3. Resolves once the switch reports the
+   * drain complete ('stitched'); rejects when it refuses, fails the stitch, or stays silent for
+   * stitchTimeoutMs (the switch died mid-handover: the shell keeps relaying what reaches it).
+   */
+  readonly #stitcher: Stitcher = async ({ connection, mapping, end }) => {
     const why = this.#unavailable();
     const client = this.#client;
     if (why || !client) throw new SwitchError(`stitching is not available: ${why ?? 'no switch'}`);
@@ -626,11 +662,20 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
       clientOffset: mapping.clientOffset, corePreambleLength: mapping.corePreambleLength,
       shellOffset: mapping.shellOffset, coreAnswerLength: mapping.coreAnswerLength,
     };
-    // TODO(lead): phase-3 completion (wait for the 'stitched' NOTIFY after the drain) belongs here.
     const r = await client.stitch(legs);
     this.#afterExchange(client);
-    if (this.#shell.get(connection.id)) this.#installed.set(connection.id, { legs, id: r.id });
+    if (!this.#shell.get(connection.id)) return;
+    const s: Installed = { legs, id: r.id, state: r.state, end };
+    this.#installed.set(connection.id, s);
     this.#log.info('stitch installed', { connectionId: connection.id, stitchId: r.id, state: r.state, existing: r.existing });
+    if (r.state !== 'draining') return;
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        delete s.settled;
+        reject(new SwitchError(`the switch did not report stitch ${r.id} drained within ${this.#stitchTimeoutMs} ms`));
+      }, this.#stitchTimeoutMs);
+      s.settled = (err) => { clearTimeout(timer); delete s.settled; if (err) reject(err); else resolve(); };
+    });
   };
 
   /** Why the shell cannot stitch right now; undefined when it can. */

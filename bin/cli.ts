@@ -18,8 +18,13 @@ const HELP: Record<string, string> = {
   a JSON policy file (docs/policy.schema.json); --control the local control socket
   (default ${defaultControlPath('shell')}).`,
   switch: `tcp-stitch switch --shell-iface IFNAME [--key-file PATH] [--control PATH] [--no-datapath]
+                  [--bpffs PATH]
   The reference switch: discovery responder on the shell-facing interface, authenticated control
-  server, and the eBPF fast path on its interfaces.`,
+  server, and the eBPF fast path on its interfaces. --bpffs names a mounted bpf filesystem (e.g.
+  /sys/fs/bpf) to pin the fast path in (PATH/tcp-stitch-IFNAME): stopping the switch then leaves the
+  installed stitches running in the kernel, and the next start adopts them (the shells re-claim
+  theirs). Without it a restart loses every stitch: the shells' re-installs are refused
+  (UNTRACKED_LEG) and connections opened before the restart can no longer be stitched.`,
   keygen: `tcp-stitch keygen
   Prints a new key file (key id + secret) for the shell and the switch to share.`,
   status: `tcp-stitch status [--control PATH] [--json]
@@ -133,8 +138,11 @@ async function cmdSwitch(v: Values): Promise<number> {
   if (!iface) throw new UsageError('--shell-iface IFNAME is required');
   const { runSwitch } = await import('../switch/index.ts');
   const log = defaultLogger();
+  const bpffs = v.bpffs as string | undefined;
+  if (bpffs !== undefined && v['no-datapath']) throw new UsageError('--bpffs is for the eBPF datapath; leave it out with --no-datapath');
   const sw = await runSwitch({
     shellIface: iface, keyFile: v['key-file'] as string | undefined, logger: log, datapath: v['no-datapath'] ? 'table' : 'ebpf',
+    ...(bpffs !== undefined && { bpffs }),
   });
   const stopControl = await serveControl((v.control as string | undefined) ?? defaultControlPath('switch'), async (req) => sw.control(req));
   log.info('switch running', { shellIface: iface });
@@ -183,7 +191,8 @@ const OPTIONS: Record<string, ParseArgsConfig['options']> = {
   core: { listen: { type: 'string' }, forward: { type: 'string' }, 'key-file': { type: 'string' } },
   shell: { listen: { type: 'string' }, core: { type: 'string' }, switch: { type: 'string' }, 'key-file': { type: 'string' },
     policy: { type: 'string' }, control: { type: 'string' }, iface: { type: 'string' } },
-  switch: { 'shell-iface': { type: 'string' }, 'key-file': { type: 'string' }, control: { type: 'string' }, 'no-datapath': { type: 'boolean' } },
+  switch: { 'shell-iface': { type: 'string' }, 'key-file': { type: 'string' }, control: { type: 'string' }, 'no-datapath': { type: 'boolean' },
+    bpffs: { type: 'string' } },
   keygen: {},
   status: { control: { type: 'string' }, json: { type: 'boolean' } },
   stitch: { control: { type: 'string' }, all: { type: 'boolean' } },

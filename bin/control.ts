@@ -25,11 +25,16 @@ export async function serveControl(path: string, handler: Handler): Promise<() =
     rmSync(path);
   }
   const sockets = new Set<net.Socket>();
-  const server = net.createServer((s) => {
+  // Half-open: a client sends its request and FIN at once; slow answers (a stitch waits for the
+  // drain) must still reach it. The socket is ended once every request got its answer.
+  const server = net.createServer({ allowHalfOpen: true }, (s) => {
     sockets.add(s);
     s.on('close', () => sockets.delete(s));
     s.on('error', () => {});
     let buf = '';
+    let pending = 0;
+    let ended = false;
+    s.on('end', () => { ended = true; if (pending === 0) s.end(); });
     s.on('data', async (d) => {
       buf += d;
       let nl;
@@ -37,8 +42,11 @@ export async function serveControl(path: string, handler: Handler): Promise<() =
         const line = buf.slice(0, nl);
         buf = buf.slice(nl + 1);
         let answer: unknown;
+        pending++;
         try { answer = { ok: true, result: await handler(JSON.parse(line)) }; } catch (err) { answer = { ok: false, error: (err as Error).message }; }
+        pending--;
         if (!s.destroyed) s.write(JSON.stringify(answer, (_k, v) => typeof v === 'bigint' ? v.toString() : v) + '\n');
+        if (ended && pending === 0) s.end();
       }
     });
   });

@@ -28,6 +28,12 @@ export interface StitchTarget {
   connection: LogicalConnection;
   /** The fixed byte mapping of DESIGN.md section 5 for this connection. */
   mapping: { clientOffset: bigint; corePreambleLength: number; shellOffset: bigint; coreAnswerLength: number };
+  /**
+   * For the stitcher to call once the switch reports the stitched connection over (both FINs
+   * acknowledged, or a reset): the shell then drops its idle sockets and reports the close.
+   * The switch must still be silencing the shell's legs, so their RSTs never reach C or B.
+   */
+  end(reason: 'fin' | 'client-reset' | 'core-reset'): void;
 }
 export type Stitcher = (target: StitchTarget) => Promise<void>;
 
@@ -140,11 +146,18 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
   }
 
   #startRelay(conn: Connection, leg: net.Socket) {
+    // Once stitched, the shell's own sockets are silenced by the switch and say nothing about the
+    // connection (invariant 3): only the stitcher's end() or destroy() closes it.
+    const live = () => conn.state !== 'stitched';
     conn.stop = relay(conn.socket, leg, {
       onBytes: (dir, n) => { if (dir === 'ab') conn.bytesFromClient += n; else conn.bytesFromCore += n; },
-      onEnd: (from) => this.#event(conn, from === 'a' ? 'client-fin' : 'core-fin', from === 'a' ? 'FIN from the client' : 'FIN from the core'),
-      onReset: (from, err) => { conn.reason = `${from === 'a' ? 'client' : 'core'} leg failed: ${err.message}`; this.#finish(conn, from === 'a' ? 'client-reset' : 'core-reset', err); },
-      onClose: () => this.#finish(conn, 'fin'),
+      onEnd: (from) => { if (live()) this.#event(conn, from === 'a' ? 'client-fin' : 'core-fin', from === 'a' ? 'FIN from the client' : 'FIN from the core'); },
+      onReset: (from, err) => {
+        if (!live()) return this.#log.debug('silenced socket failed in phase 3', { connectionId: conn.id, side: from === 'a' ? 'client' : 'core', error: err.message });
+        conn.reason = `${from === 'a' ? 'client' : 'core'} leg failed: ${err.message}`;
+        this.#finish(conn, from === 'a' ? 'client-reset' : 'core-reset', err);
+      },
+      onClose: () => { if (live()) this.#finish(conn, 'fin'); },
     });
   }
 
@@ -167,13 +180,15 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
   #finish(conn: Connection, reason: CloseReason, error?: Error) {
     if (!this.#conns.has(conn.id)) return;
     this.#conns.delete(conn.id);
+    const phase = conn.phase;
     conn.snap = transition(conn.snap, reason === 'fin' ? 'finished' : 'destroy');
     conn.reason ??= reason;
-    // Whatever is still open after an abnormal end gets a reset, so neither end waits on us.
+    // Whatever is still open after an abnormal end gets a reset, so neither end waits on us. In
+    // phase 3 the switch drops these resets: the shell's idle sockets just go away.
     if (conn.stop) conn.stop();
     else for (const s of [conn.socket, conn.leg]) if (s && !s.destroyed) { try { s.resetAndDestroy(); } catch { s.destroy(); } }
     const msg = { connection: conn, reason, error };
-    this.#log.info('connection closed', { connectionId: conn.id, reason, bytesFromClient: conn.bytesFromClient, bytesFromCore: conn.bytesFromCore, phase: conn.phase });
+    this.#log.info('connection closed', { connectionId: conn.id, reason, bytesFromClient: conn.bytesFromClient, bytesFromCore: conn.bytesFromCore, phase });
     this.emit('connection:close', msg);
     publish('connectionClose', msg);
     if (this.#conns.size === 0) this.#idle?.();
@@ -191,10 +206,20 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
     const veto = await this.opts.hooks?.shouldStitch?.(conn, reason);
     if (veto === false) throw new InvalidArgumentError(`the runtime's shouldStitch hook vetoed stitching ${id}`);
     this.#event(conn, 'stitch-start', reason);
+    const end = (how: 'fin' | 'client-reset' | 'core-reset') => {
+      if (!this.#conns.has(id)) return;
+      if (how === 'fin') {
+        this.#event(conn, 'client-fin', 'FIN from the client (seen by the switch)');
+        this.#event(conn, 'core-fin', 'FIN from the core (seen by the switch)');
+      }
+      conn.reason = how === 'fin' ? 'both ends finished, seen by the switch' : `${how === 'client-reset' ? 'the client' : 'the core'} reset the connection, seen by the switch`;
+      this.#finish(conn, how);
+    };
     try {
       await this.#stitcher({
         connection: conn,
         mapping: { clientOffset: 0n, corePreambleLength: PREAMBLE_LENGTH, shellOffset: 0n, coreAnswerLength: ANSWER_LENGTH },
+        end,
       });
     } catch (err) {
       if (this.#conns.has(id)) this.#event(conn, 'stitch-failed', `stitch failed, staying on the shell path: ${(err as Error).message}`);

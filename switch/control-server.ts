@@ -14,7 +14,7 @@ import {
   type Key, type Message, type Opcode, type ReasonCounters, type RejectReason, type Request, type Response,
   type ResultCode, type StitchLegs, type StitchRecord,
 } from './protocol.ts';
-import { createStitchTable, type StitchOwner, type StitchTable, type TableEntry } from './stitch-table.ts';
+import { UNKNOWN_KEY_ID, createStitchTable, type StitchOwner, type StitchTable, type TableEntry } from './stitch-table.ts';
 import {
   createDiscoveryResponder, resolveShellInterface, type DiscoveryResponder, type NetworkInterfacesFn,
 } from './discovery-responder.ts';
@@ -65,7 +65,11 @@ export interface SwitchCounters {
   notifies: { sent: number; retransmitted: number; acked: number; expired: number };
 }
 
-export interface SwitchTableRow { spec: StitchSpec; owner: StitchOwner; status?: StitchStatus }
+export interface SwitchTableRow {
+  spec: StitchSpec; owner: StitchOwner; status?: StitchStatus;
+  /** Adopted from the daemon before and not claimed by its owner yet (owner.keyId -1, offsets 0). */
+  adopted?: boolean;
+}
 
 export interface SwitchSnapshot {
   switchId: string; bootId: string; epoch: number;
@@ -104,7 +108,11 @@ interface CacheEntry {
   at: number; hits: number;
 }
 interface KeyState { highest: bigint; cache: Map<bigint, CacheEntry>; outSequence: bigint }
-interface PendingNotify { id: number; state: StitchState; keyId: number; address: string; port: number; timer?: NodeJS.Timeout }
+interface PendingNotify {
+  id: number; state: StitchState; keyId: number; address: string; port: number; timer?: NodeJS.Timeout;
+  /** A final state: free the stitch when acknowledged or expired. */
+  release: boolean;
+}
 interface Source { address: string; port: number }
 
 function mergeDefined<T extends object>(defaults: T, given: Partial<T> | undefined): T {
@@ -131,6 +139,9 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
   private readonly notifyCfg: RetransmitPolicy;
   private readonly buckets = new Map<string, { tokens: number; last: number }>();
   private readonly pendingNotifies = new Map<string, PendingNotify>();
+  /** Adopted stitches that ended before their owner claimed them: the final status, and the timer
+   *  that frees them if the owner never does. */
+  private readonly lingering = new Map<number, { status: StitchStatus; timer: NodeJS.Timeout }>();
   private readonly immediates = new Set<NodeJS.Immediate>();
   private readonly now: () => number;
   private readonly port: number;
@@ -190,6 +201,7 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
   async start(): Promise<{ address: string; port: number }> {
     if (this.closed) throw new StitchError('switch control was closed; create a new one', 'TCP_STITCH_CLOSED');
     if (this.bound) return this.bound;
+    this.adoptStitches();
     const socket = DgramAsPromised.createSocket({ type: 'udp4', ...(this.dgram && { dgram: this.dgram }) });
     socket.socket.on('error', (err) => this.log.warn('control socket error', { err }));
     const addr = await socket.bind(this.port, this.discovery.shell.address);
@@ -213,6 +225,8 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
     this.closed = true;
     for (const p of this.pendingNotifies.values()) if (p.timer) clearTimeout(p.timer);
     this.pendingNotifies.clear();
+    for (const l of this.lingering.values()) clearTimeout(l.timer);
+    this.lingering.clear();
     for (const t of this.immediates) clearImmediate(t);
     this.immediates.clear();
     const s = this.socket;
@@ -245,7 +259,7 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
       tableSize: this.table.capacity, freeSlots: this.table.free,
       stitches: this.table.list().map((e) => {
         const status = this.datapath.status(e.spec.id);
-        return { spec: structuredClone(e.spec), owner: { ...e.owner }, ...(status && { status }) };
+        return { spec: structuredClone(e.spec), owner: { ...e.owner }, ...(status && { status }), ...(e.adopted && { adopted: true }) };
       }),
       counters: this.counters(),
     };
@@ -427,7 +441,8 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
       const a = this.table.admit(legs, owner);
       if (a.kind === 'existing') {
         if (a.entry.installing) { await a.entry.installing; continue; }
-        if (a.entry.removing) { this.reject('leg-in-use', src); return this.errorResponse(m, 'LEG_IN_USE'); }
+        if (a.entry.adopted) return this.claim(m, a.entry, legs, owner, src);
+        if (a.entry.removing || a.entry.ended) { this.reject('leg-in-use', src); return this.errorResponse(m, 'LEG_IN_USE'); }
         a.entry.notifyPort = src.port;
         const state = this.datapath.status(a.entry.spec.id)?.state ?? 'stitched';
         return { ...this.responseBase(m, 'SUCCESS'), opcode: 'stitch', stitch: { id: a.entry.spec.id, state, existing: true } };
@@ -467,10 +482,60 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
     }
   }
 
+  // ------------------------------------------------------------------------------------------
+  // Stitches adopted from the daemon before (docs/datapath.md, "Daemon restart")
+  // ------------------------------------------------------------------------------------------
+
+  /** Takes the datapath's adopted stitches into the table, owned by their shell address, unclaimed. */
+  private adoptStitches(): void {
+    const list = this.datapath.adopted?.() ?? [];
+    if (list.length === 0) return;
+    for (const a of list) {
+      if (this.table.get(a.id)) continue;
+      const spec: StitchSpec = {
+        id: a.id, clientLeg: structuredClone(a.clientLeg), coreLeg: structuredClone(a.coreLeg),
+        clientOffset: 0n, corePreambleLength: 0, shellOffset: 0n, coreAnswerLength: 0,
+      };
+      this.table.add({ spec, owner: { address: a.clientLeg.shell.address, keyId: UNKNOWN_KEY_ID }, notifyPort: 0, adopted: true, createdAt: this.now() });
+      // A change before now went nowhere (no entry yet): an end already reached is taken from here.
+      const st = this.datapath.status(a.id);
+      if (st && (st.state === 'closed' || st.state === 'failed')) this.onStateChange(st);
+    }
+    this.log.info('stitches adopted from the daemon before; each owner claims its own by sending STITCH again', {
+      ids: list.map((a) => a.id), owners: [...new Set(list.map((a) => a.clientLeg.shell.address))],
+    });
+  }
+
+  /** An adopted stitch claimed by a STITCH of its legs from its address: the entry takes the key id,
+   *  the notify port and the offsets of the request; the datapath keeps the entry as installed. */
+  private claim(m: Request, e: TableEntry, legs: StitchLegs, owner: StitchOwner, src: Source): Response {
+    const id = e.spec.id;
+    e.owner = { ...owner };
+    e.notifyPort = src.port;
+    e.spec = { ...e.spec, clientOffset: legs.clientOffset, corePreambleLength: legs.corePreambleLength, shellOffset: legs.shellOffset, coreAnswerLength: legs.coreAnswerLength };
+    delete e.adopted;
+    let state = this.datapath.status(id)?.state ?? 'stitched';
+    const l = this.lingering.get(id);
+    if (l) {
+      // It ended while unclaimed: the owner hears it now (after this reply) and frees it by acknowledging.
+      clearTimeout(l.timer);
+      this.lingering.delete(id);
+      state = l.status.state;
+      const t = setImmediate(() => {
+        this.immediates.delete(t);
+        if (this.table.get(id) === e) this.sendNotify(e, l.status, true);
+      });
+      this.immediates.add(t);
+    }
+    this.log.info('adopted stitch claimed by its owner', { id, owner, state });
+    return { ...this.responseBase(m, 'SUCCESS'), opcode: 'stitch', stitch: { id, state, existing: true } };
+  }
+
   private ownedEntry(m: Request, id: number, owner: StitchOwner, src: Source): TableEntry | Response {
     const e = this.table.get(id);
     if (!e || e.removing) { this.reject('not-found', src); return this.errorResponse(m, 'NOT_FOUND'); }
-    if (e.owner.address !== owner.address || e.owner.keyId !== owner.keyId) {
+    // An unclaimed adopted stitch belongs to its address, whatever key that shell holds.
+    if (e.owner.address !== owner.address || (!e.adopted && e.owner.keyId !== owner.keyId)) {
       this.reject('not-owner', src, { id });
       return this.errorResponse(m, 'NOT_OWNER');
     }
@@ -496,6 +561,8 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
       return this.errorResponse(m, 'DATAPATH_ERROR');
     }
     this.table.delete(id);
+    const l = this.lingering.get(id);
+    if (l) { clearTimeout(l.timer); this.lingering.delete(id); }
     this.stats.removals++;
     this.log.info('stitch removed', { id, owner, reason: 'unstitched' });
     return { ...this.responseBase(m, 'SUCCESS'), opcode: 'unstitch', status: { ...last, state: 'closed', reason: 'unstitched' } };
@@ -511,7 +578,7 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
       if ('kind' in e) return e;
       return { ...this.responseBase(m, 'SUCCESS'), opcode: 'query', query: { stitches: [this.record(e)], more: false } };
     }
-    const mine = this.table.byOwner(owner.address).filter((e) => e.owner.keyId === owner.keyId && e.spec.id > cursor && !e.removing);
+    const mine = this.table.byOwner(owner.address).filter((e) => (e.adopted || e.owner.keyId === owner.keyId) && e.spec.id > cursor && !e.removing);
     const page = mine.slice(0, MAX_QUERY_RECORDS);
     return { ...this.responseBase(m, 'SUCCESS'), opcode: 'query', query: { stitches: page.map((e) => this.record(e)), more: mine.length > page.length } };
   }
@@ -556,25 +623,51 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
   private onStateChange(status: StitchStatus): void {
     if (this.closed) return;
     const e = this.table.get(status.id);
-    if (!e || e.removing) return;
+    if (!e || e.removing || e.ended) return;
     if (e.installing) { e.deferredStatus = { ...status }; return; } // delivered once the STITCH is answered
     const final = status.state === 'closed' || status.state === 'failed';
+    if (e.adopted) {
+      // Nobody to tell before the owner claims it. An end is kept for the owner's claim (it then
+      // gets the NOTIFY), or freed after the NOTIFY's retransmission time if it never comes.
+      if (!final) return;
+      e.ended = true;
+      const timer = setTimeout(() => {
+        this.lingering.delete(status.id);
+        this.log.warn('adopted stitch ended and its owner never claimed it: freed', { id: status.id, state: status.state, owner: e.owner.address });
+        this.free(status.id);
+      }, this.notifyCfg.totalMs);
+      this.lingering.set(status.id, { status: { ...status }, timer });
+      this.log.info('adopted stitch ended before its owner claimed it', { id: status.id, state: status.state, reason: status.reason });
+      return;
+    }
     if (final) {
-      // The connection ended (FIN/RST) or failed: free the switch's state (DESIGN.md invariant 6).
-      this.table.delete(status.id);
-      this.stats.removals++;
-      this.datapath.remove(status.id).catch((err: unknown) => this.log.warn('datapath remove after close failed', { id: status.id, err }));
+      // The connection ended (FIN/RST) or failed. The entry is freed (DESIGN.md invariant 6) once
+      // the owner acknowledges this NOTIFY, i.e. has dropped its sockets for the legs, or when the
+      // owner never answers (it died): until then the datapath keeps dropping the shell's packets,
+      // so the RSTs of those sockets never reach C or B.
+      e.ended = true;
       this.log.info('stitch ended', { id: status.id, state: status.state, reason: status.reason });
     }
-    this.sendNotify(e, status);
+    this.sendNotify(e, status, final);
   }
 
-  private sendNotify(e: TableEntry, status: StitchStatus): void {
-    if (!this.socket) return;
+  /** Frees an ended stitch: table entry and datapath maps. */
+  private free(id: number): void {
+    const e = this.table.get(id);
+    if (!e?.ended) return;
+    const l = this.lingering.get(id);
+    if (l) { clearTimeout(l.timer); this.lingering.delete(id); }
+    this.table.delete(id);
+    this.stats.removals++;
+    this.datapath.remove(id).catch((err: unknown) => this.log.warn('datapath remove after close failed', { id, err }));
+  }
+
+  private sendNotify(e: TableEntry, status: StitchStatus, release = false): void {
+    if (!this.socket || e.notifyPort === 0 || e.owner.keyId === UNKNOWN_KEY_ID) return;
     const nonce = newNonce();
     const msg = { kind: 'request' as const, opcode: 'notify' as const, nonce, bootId: this.bootId, status: { ...status } };
     const bytes = this.sign(msg, e.owner.keyId);
-    const p: PendingNotify = { id: status.id, state: status.state, keyId: e.owner.keyId, address: e.owner.address, port: e.notifyPort };
+    const p: PendingNotify = { id: status.id, state: status.state, keyId: e.owner.keyId, address: e.owner.address, port: e.notifyPort, release };
     this.pendingNotifies.set(nonce, p);
     const started = this.now();
     let wait = this.notifyCfg.initialMs;
@@ -588,6 +681,7 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
           if (!this.pendingNotifies.delete(nonce)) return;
           this.stats.notifies.expired++;
           this.log.warn('NOTIFY not acknowledged by the owner', { id: p.id, state: p.state, owner: p.address });
+          if (p.release) this.free(p.id);
           this.emit('notify:expired', { id: p.id, state: p.state });
         }, Math.max(0, this.notifyCfg.totalMs - elapsed));
         return;
@@ -606,6 +700,7 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
     if (p.timer) clearTimeout(p.timer);
     this.pendingNotifies.delete(m.nonce);
     this.stats.notifies.acked++;
+    if (p.release) this.free(p.id);
     this.emit('notify:acked', { id: p.id, state: p.state });
   }
 }

@@ -7,27 +7,32 @@
 // (unref'd) turns the datapath's per-stitch state into onStateChange events, close() detaches
 // everything: filters, the clsact qdiscs it created, pins, a bpffs it mounted, every fd.
 //
+// Daemon restart: with a bpffs given, the pin directory is stable (<bpffs>/tcp-stitch-<shellIface>).
+// A daemon that stops with stitches installed leaves the program attached and the pins in place; the
+// next one adopts them (maps, tracked handshakes, stitches with their generations) instead of
+// loading afresh. docs/datapath.md, "Daemon restart".
+//
 // docs/datapath.md: maps byte by byte and the per-packet decision table; docs/handover.md: the drain.
 
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, rmSync, rmdirSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, rmdirSync, statSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { ClosedError, DatapathError, InvalidArgumentError } from '../sdk/errors.ts';
 import { componentLogger, type Logger } from '../sdk/log.ts';
 import {
-  FLOW_SACK_OK, FLOW_SYN, FLOW_TS_OK, FLOW_VAL_SIZE, FLOW_WS_OK, MAP_NAMES, MAX_STITCHES,
-  PHASE_FAILED, PHASE_STITCHED, SIDE_CLIENT, SIDE_CORE, SIDE_SACK, SIDE_TS, STATS, STATS_COUNT,
-  STITCH_CFG_SIZE, STITCH_FORCE_STITCHED, STITCH_START_STITCHED, STITCH_STATE_SIZE, TERM_FIN, TERM_FIN_ACKED,
-  TERM_RST, decodeFlowVal, decodeStitchCfg, decodeStitchState, encodeFlowKey, encodeGlobalCfg, encodeLegVal,
-  encodeStitchCfg, encodeStitchStateInit, u32Key,
+  FLOW_KEY_SIZE, FLOW_SACK_OK, FLOW_SYN, FLOW_TS_OK, FLOW_VAL_SIZE, FLOW_WS_OK, GLOBAL_CFG_SIZE, LEG_VAL_SIZE,
+  MAP_NAMES, MAX_STITCHES, PHASE_FAILED, PHASE_INSTALLED, PHASE_STITCHED, SIDE_CLIENT, SIDE_CORE, SIDE_SACK, SIDE_TS, STATS,
+  STATS_COUNT, STITCH_CFG_SIZE, STITCH_FORCE_STITCHED, STITCH_START_STITCHED, STITCH_STATE_SIZE, TERM_FIN,
+  TERM_FIN_ACKED, TERM_RST, decodeFlowVal, decodeLegVal, decodeStitchCfg, decodeStitchState, encodeFlowKey,
+  encodeGlobalCfg, encodeLegVal, encodeStitchCfg, encodeStitchStateInit, u32Key,
   type FlowKey, type FlowVal, type GlobalCfg, type MapName, type ShellPrefix, type StatName, type StitchCfg,
   type StitchSide, type StitchStateVal,
 } from './bpf/layout.ts';
 import * as native from './native/index.ts';
-import type { Datapath, StitchSpec, StitchState, StitchStatus } from './stitch-types.ts';
+import type { AdoptedStitch, Datapath, DatapathCloseOptions, StitchSpec, StitchState, StitchStatus } from './stitch-types.ts';
 
 const run = promisify(execFile);
 const here = dirname(fileURLToPath(import.meta.url));
@@ -49,9 +54,11 @@ export interface EbpfDatapathOptions {
   shellAddresses?: string[];
   /** Clamp the MSS of the shell's SYNs to this (for paths with a smaller MTU). Default: off. */
   mssClamp?: number;
-  /** A mounted bpffs to pin under (a private subdirectory is made and removed). Default: a bpffs
-   *  mounted for this datapath under /run/tcp-stitch/ (`ip netns exec` gives a fresh mount namespace
-   *  without one) and unmounted at close. */
+  /** A mounted bpffs to pin under, in the stable directory <bpffs>/tcp-stitch-<shellIface>: what an
+   *  earlier daemon left there is adopted, and close() leaves the fast path up while stitches remain
+   *  (docs/datapath.md, "Daemon restart"). Default: a bpffs mounted for this datapath under
+   *  /run/tcp-stitch/ (`ip netns exec` gives a fresh mount namespace without one), a private pin
+   *  directory, and everything removed at close: stitches do not survive the daemon. */
   bpffs?: string;
   logger?: Logger;
   /** Drop injector: translated packets dropped per million (stands in for netem). Default 0. */
@@ -72,6 +79,8 @@ export interface EbpfDatapathOptions {
 export interface EbpfDatapath extends Datapath {
   /** The pin directory (prog, maps/). */
   readonly pinDir: string;
+  /** The pin directory is the stable one (bpffs given): it may outlive this daemon. */
+  readonly persistent: boolean;
   /** Interfaces the program is attached to. */
   readonly ifaces: readonly string[];
   /** The per-CPU counters of the program, summed. */
@@ -82,6 +91,13 @@ export interface EbpfDatapath extends Datapath {
   rawState(id: number): StitchStateVal | undefined;
   /** The tracking entry of one flow of the shell (diagnostics). */
   flow(key: FlowKey): FlowVal | undefined;
+  /** Stitches taken over from the daemon before (still installed), with their generations. */
+  adopted(): AdoptedStitch[];
+  /** Entries in the maps flows, legs, stitch_cfg and stitch_state. */
+  entries(): Record<'flows' | 'legs' | 'stitch_cfg' | 'stitch_state', number>;
+  /** Closes. With stitches still installed and a persistent pin directory, only the fds: the program
+   *  stays attached and the pins stay for the next daemon. { detach: true } tears down everything. */
+  close(opts?: DatapathCloseOptions): Promise<void>;
 }
 
 /** An error whose result code the control server reports (UNTRACKED_LEG). */
@@ -104,8 +120,23 @@ export interface StitchObject {
   readonly progPath: string;
   readonly progFd: number;
   readonly maps: Readonly<Record<MapName, number>>;
-  /** Closes the fds and removes the pins (and the bpffs this object mounted). */
-  close(): Promise<void>;
+  /** The pin directory is a stable one (persistentName): it may outlive this process. */
+  readonly persistent: boolean;
+  /** The program and maps were found pinned there (left by an earlier daemon), not loaded now. */
+  readonly adopted: boolean;
+  /** Closes the fds and removes the pins (and the bpffs this object mounted); with keepPins (a
+   *  persistent directory only) closes the fds and leaves the pins for the next daemon. */
+  close(opts?: { keepPins?: boolean }): Promise<void>;
+}
+
+export interface OpenStitchObjectOptions {
+  /** A mounted bpffs; default: one mounted under /run/tcp-stitch/ for this object. */
+  bpffs?: string;
+  objectPath?: string;
+  /** A stable directory name under `bpffs` (required with it) instead of a private one. When that
+   *  directory holds a pinned program and maps (an earlier daemon's), they are adopted: opened as
+   *  they are, after checking their layout against layout.ts. */
+  persistentName?: string;
 }
 
 async function sh(cmd: string, args: string[], timeout = 20_000): Promise<string> {
@@ -125,29 +156,142 @@ function isBpffs(path: string): boolean {
   } catch { return false; }
 }
 
+/** Key and value sizes of the pinned maps, as layout.ts encodes them. */
+const MAP_LAYOUT: Readonly<Record<MapName, { key: number; value: number }>> = {
+  flows: { key: FLOW_KEY_SIZE, value: FLOW_VAL_SIZE },
+  legs: { key: FLOW_KEY_SIZE, value: LEG_VAL_SIZE },
+  stitch_cfg: { key: 4, value: STITCH_CFG_SIZE },
+  stitch_state: { key: 4, value: STITCH_STATE_SIZE },
+  config: { key: 4, value: GLOBAL_CFG_SIZE },
+  stats: { key: 4, value: STATS_COUNT * 8 },
+};
+
+/** A name safe in bpffs, which refuses '.' in names (interface names may hold one: eth0.100). */
+export function bpffsName(s: string): string {
+  return s.replace(/[^A-Za-z0-9_-]/g, (c) => `%${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
+}
+
+/** The stable pin directory name of the datapath of shellIface under a given bpffs. */
+export function persistentPinName(shellIface: string): string {
+  return `tcp-stitch-${bpffsName(shellIface)}`;
+}
+
+// Markers: empty directories in the pin directory (bpffs holds nothing else) recording what the
+// pins cannot: the network namespace they belong to, the live daemon using them, where the program
+// is attached and which clsact qdiscs it added.
+const marker = {
+  netns: () => `netns-${statSync('/proc/self/ns/net').ino}`,
+  owner: (pid = process.pid) => `owner-${pid}-${procStart(pid) ?? 0}`,
+  iface: (name: string) => `iface-${bpffsName(name)}`,
+  clsact: (name: string) => `clsact-${bpffsName(name)}`,
+};
+
+/** Start time of a process (clock ticks since boot, /proc/PID/stat field 22): tells a pid's reuse. */
+function procStart(pid: number): string | undefined {
+  try {
+    const st = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return st.slice(st.lastIndexOf(')') + 2).split(' ')[19];
+  } catch { return undefined; }
+}
+
+function markers(dir: string): string[] {
+  try { return readdirSync(dir).filter((n) => n !== 'prog' && n !== 'maps'); } catch { return []; }
+}
+function setMarker(dir: string, name: string): void { mkdirSync(join(dir, name), { recursive: true }); }
+function clearMarker(dir: string, name: string): void { try { rmdirSync(join(dir, name)); } catch { /* gone */ } }
+
+/** Refuses a pin directory of another network namespace or of a daemon still running. */
+function checkMarkers(pinDir: string): void {
+  const mine = marker.netns();
+  const ns = markers(pinDir).filter((n) => n.startsWith('netns-'));
+  if (ns.length && !ns.includes(mine)) {
+    throw new DatapathError(`pin directory ${pinDir} belongs to another network namespace (${ns.join(', ')}, this one is ${mine}): ` +
+      'give this switch its own bpffs, or remove the directory (rm -r) if that namespace is gone');
+  }
+  for (const n of markers(pinDir).filter((x) => x.startsWith('owner-'))) {
+    const [, pid, start] = n.split('-');
+    if (Number(pid) !== process.pid && procStart(Number(pid)) === start) {
+      throw new DatapathError(`pin directory ${pinDir} is in use by a running switch daemon (pid ${pid}): stop it first; two daemons must not share one datapath`);
+    }
+    if (Number(pid) !== process.pid) clearMarker(pinDir, n); // its daemon is gone
+  }
+}
+
+/** Opens the program and maps pinned in pinDir, checking the maps against layout.ts. */
+function openPinned(pinDir: string, fds: number[], adopting: boolean): { progFd: number; maps: Record<MapName, number> } {
+  const refuse = (what: string) => new DatapathError(
+    `pin directory ${pinDir} ${what}: its stitches cannot be adopted. Remove it (rm -r ${pinDir}) to start afresh; ` +
+    'connections stitched through it will break');
+  const open = (path: string, what: string) => {
+    try {
+      const fd = native.objGet(path);
+      fds.push(fd);
+      return fd;
+    } catch (e) {
+      if (!adopting) throw e;
+      throw Object.assign(refuse(`holds no pinned ${what} (${(e as { errnoName?: string }).errnoName ?? (e as Error).message}); it is not a complete tcp-stitch pin directory`), { cause: e });
+    }
+  };
+  const progFd = open(join(pinDir, 'prog'), 'program prog');
+  const maps = {} as Record<MapName, number>;
+  for (const name of MAP_NAMES) {
+    maps[name] = open(join(pinDir, 'maps', name), `map maps/${name}`);
+    let info: native.MapInfo;
+    try { info = native.mapInfo(maps[name]); } catch (e) {
+      throw Object.assign(refuse(`has maps/${name} that is not a map`), { cause: e });
+    }
+    const want = MAP_LAYOUT[name];
+    if (info.keySize !== want.key || info.valueSize !== want.value) {
+      const msg = `has map ${name} with keys of ${info.keySize} and values of ${info.valueSize} bytes, this code expects ${want.key} and ${want.value}`;
+      throw adopting ? refuse(`was left by a daemon with another map layout (it ${msg.slice(4)})`) : new DatapathError(`the loaded object ${msg}: rebuild switch/bpf`);
+    }
+  }
+  return { progFd, maps };
+}
+
 /**
  * Loads the stitch object and pins it (prog + maps) in a private directory under `bpffs` (or a
- * bpffs it mounts). Nothing is attached.
+ * bpffs it mounts), or in the stable directory `persistentName`, where an earlier daemon's pinned
+ * program and maps are adopted instead. Nothing is attached.
  */
-export async function openStitchObject(opts: { bpffs?: string; objectPath?: string } = {}): Promise<StitchObject> {
+export async function openStitchObject(opts: OpenStitchObjectOptions = {}): Promise<StitchObject> {
   const obj = opts.objectPath ?? STITCH_OBJECT;
-  if (!existsSync(obj)) throw new DatapathError(`eBPF object ${obj} is missing: build it with \`npm run build\` (make -C switch/bpf; needs clang, libbpf-dev)`);
   const tag = `${process.pid}-${randomBytes(3).toString('hex')}`;
   let mounted: string | undefined;
   let base = opts.bpffs;
+  const persistent = opts.persistentName !== undefined;
+  if (persistent && base === undefined) throw new InvalidArgumentError('a persistent pin directory needs a mounted bpffs (option bpffs)');
+  if (persistent && !/^[A-Za-z0-9_%-]+$/.test(opts.persistentName!)) throw new InvalidArgumentError(`persistentName ${opts.persistentName} is not a bpffs name (letters, digits, _ - %)`);
   if (base !== undefined) {
+    base = resolve(base);
     if (!isBpffs(base)) throw new InvalidArgumentError(`bpffs ${base} is not a mounted bpf filesystem; mount one (mount -t bpf bpf ${base}) or leave the option out`);
-  } else {
+  }
+  const pinDir = join(base ?? '', persistent ? opts.persistentName! : `stitch-${tag}`);
+  // Adopt what an earlier daemon pinned; a directory with markers only is a load that never finished.
+  let adopting = false;
+  if (persistent && existsSync(pinDir)) {
+    checkMarkers(pinDir);
+    let mapPins: string[] = [];
+    try { mapPins = readdirSync(join(pinDir, 'maps')); } catch { /* none */ }
+    adopting = existsSync(join(pinDir, 'prog')) || mapPins.length > 0;
+    if (!adopting) rmSync(pinDir, { recursive: true, force: true });
+  }
+  if (!adopting && !existsSync(obj)) throw new DatapathError(`eBPF object ${obj} is missing: build it with \`npm run build\` (make -C switch/bpf; needs clang, libbpf-dev)`);
+  if (base === undefined) {
     mounted = `/run/tcp-stitch/bpffs-${tag}`;
     mkdirSync(mounted, { recursive: true });
     await sh('mount', ['-t', 'bpf', 'bpf', mounted]);
     base = mounted;
   }
-  const pinDir = join(base, `stitch-${tag}`);
   const progPath = join(pinDir, 'prog');
   const fds: number[] = [];
-  const cleanup = async () => {
+  const owner = marker.owner();
+  let closed = false;
+  const close = async (o: { keepPins?: boolean } = {}) => {
+    if (closed) return;
+    closed = true;
     for (const fd of fds.splice(0)) try { native.closeFd(fd); } catch { /* already closed */ }
+    if (o.keepPins && persistent) { clearMarker(pinDir, owner); return; }
     rmSync(pinDir, { recursive: true, force: true });
     if (mounted) {
       await sh('umount', [mounted]).catch(() => sh('umount', ['-l', mounted!]).catch(() => undefined));
@@ -155,20 +299,21 @@ export async function openStitchObject(opts: { bpffs?: string; objectPath?: stri
     }
   };
   try {
-    mkdirSync(pinDir);
-    await sh('bpftool', ['prog', 'load', obj, progPath, 'type', 'classifier', 'pinmaps', join(pinDir, 'maps')]);
-    const progFd = native.objGet(progPath);
-    fds.push(progFd);
-    const maps = {} as Record<MapName, number>;
-    for (const name of MAP_NAMES) {
-      maps[name] = native.objGet(join(pinDir, 'maps', name));
-      fds.push(maps[name]);
+    if (!adopting) {
+      mkdirSync(pinDir, { recursive: true });
+      setMarker(pinDir, marker.netns());
+      setMarker(pinDir, owner);
+      await sh('bpftool', ['prog', 'load', obj, progPath, 'type', 'classifier', 'pinmaps', join(pinDir, 'maps')]);
     }
-    const flowsInfo = native.mapInfo(maps.flows);
-    if (flowsInfo.valueSize !== FLOW_VAL_SIZE) throw new DatapathError(`map flows has values of ${flowsInfo.valueSize} bytes, this code expects ${FLOW_VAL_SIZE}: rebuild switch/bpf`);
-    return { pinDir, progPath, progFd, maps, close: cleanup };
+    const { progFd, maps } = openPinned(pinDir, fds, adopting);
+    if (adopting) {
+      setMarker(pinDir, marker.netns());
+      setMarker(pinDir, owner);
+    }
+    return { pinDir, progPath, progFd, maps, persistent, adopted: adopting, close };
   } catch (e) {
-    await cleanup();
+    // Never remove what an earlier daemon left: the operator decides (the error says how).
+    await close({ keepPins: adopting });
     throw e;
   }
 }
@@ -243,10 +388,12 @@ export function statusOf(id: number, st: StitchStateVal, cfgFlags = 0): StitchSt
   let reason: string | undefined;
   const both = (bit: number) => (st.term & (bit << SIDE_CLIENT)) && (st.term & (bit << SIDE_CORE));
   if (st.phase === PHASE_FAILED) { state = 'failed'; reason = 'untracked-leg'; }
-  else if (st.term & ((TERM_RST << SIDE_CLIENT) | (TERM_RST << SIDE_CORE))) { state = 'closed'; reason = 'rst'; }
+  else if (st.term & (TERM_RST << SIDE_CLIENT)) { state = 'closed'; reason = 'client-rst'; }
+  else if (st.term & (TERM_RST << SIDE_CORE)) { state = 'closed'; reason = 'core-rst'; }
   else if (both(TERM_FIN) && both(TERM_FIN_ACKED)) { state = 'closed'; reason = 'fin'; }
   else if (st.term & ((TERM_FIN << SIDE_CLIENT) | (TERM_FIN << SIDE_CORE))) { state = 'closing'; reason = 'fin'; }
-  else if (st.phase === PHASE_STITCHED || (cfgFlags & STITCH_FORCE_STITCHED)) state = 'stitched';
+  else if (st.phase === PHASE_STITCHED || (cfgFlags & STITCH_FORCE_STITCHED) ||
+    (st.phase === PHASE_INSTALLED && (cfgFlags & STITCH_START_STITCHED))) state = 'stitched';
   else state = 'draining';
   const s: StitchStatus = {
     id, state,
@@ -261,7 +408,51 @@ export function statusOf(id: number, st: StitchStateVal, cfgFlags = 0): StitchSt
 // ---------------------------------------------------------------------------------------------------
 // Map driver: the install/remove protocol over an opened object (no attach, no timers).
 
-interface Installed { spec: StitchSpec; gen: number; cfg: StitchCfg; keys: [Buffer, Buffer]; last?: StitchStatus; drainSeen?: bigint }
+interface Installed {
+  spec: StitchSpec; gen: number; cfg: StitchCfg; keys: [Buffer, Buffer]; last?: StitchStatus; drainSeen?: bigint;
+  installedAt?: number;
+  /** The idle check (idleDrained) held at the previous poll. */
+  idleSeen?: boolean;
+  /** 'drain slow' was logged. */
+  slowLogged?: boolean;
+  /** Taken over from an earlier daemon: spec has the legs only (offsets 0). */
+  adopted?: boolean;
+}
+
+/** The legs of a commit entry (its side[] entries), as a spec without offsets. */
+function specOfCfg(cfg: StitchCfg): StitchSpec {
+  const [c, k] = cfg.side;
+  return {
+    id: cfg.id,
+    clientLeg: { client: { address: c.farAddr, port: c.farPort }, shell: { address: c.shellAddr, port: c.shellPort } },
+    coreLeg: { shell: { address: k.shellAddr, port: k.shellPort }, core: { address: k.farAddr, port: k.farPort } },
+    clientOffset: 0n, corePreambleLength: 0, shellOffset: 0n, coreAnswerLength: 0,
+  };
+}
+
+export interface AdoptionResult {
+  adopted: Installed[];
+  /** Entries of stitches that were not complete (an install or removal cut short), deleted. */
+  dropped: { stitch_cfg: number; legs: number; stitch_state: number };
+}
+
+const seqBefore = (a: number, b: number) => ((a - b) | 0) < 0;
+
+/**
+ * The first half of the drain condition (translate.h, drain_check) evaluated on the legs' tracking
+ * entries: for a stitch no packet has touched since its commit, these are exactly what the program's
+ * snapshot would hold. True when, for both streams, the other far end acknowledged everything the
+ * shell was handed: the shell holds nothing. The window half is not asked (docs/handover.md, rule 9).
+ */
+function idleDrained(inst: Installed, maps: StitchMaps): boolean {
+  const f = [maps.flow(clientLegKey(inst.spec)), maps.flow(coreLegKey(inst.spec))];
+  if (!f[0] || !f[1]) return false;
+  for (const s of [0, 1] as const) {
+    const handed = f[s]!.dir[1].seqHi, ackedThere = (f[s ^ 1]!.dir[1].ackHi - inst.cfg.side[s].seqDelta) >>> 0;
+    if (seqBefore(ackedThere, handed)) return false;
+  }
+  return true;
+}
 
 export class StitchMaps {
   private gen = 0;
@@ -334,6 +525,61 @@ export class StitchMaps {
     native.mapUpdate(this.maps.stitch_cfg, u32Key(inst.spec.id), encodeStitchCfg(inst.cfg), 'exist');
   }
 
+  /** Every key of a hash map (a snapshot: the map may change meanwhile). */
+  keys(name: 'flows' | 'legs' | 'stitch_cfg' | 'stitch_state'): Buffer[] {
+    const size = MAP_LAYOUT[name].key;
+    const out: Buffer[] = [];
+    const seen = new Set<string>();
+    for (let k = native.mapNextKey(this.maps[name], null, size); k; k = native.mapNextKey(this.maps[name], k, size)) {
+      const h = k.toString('hex');
+      if (seen.has(h)) break; // the map changed under the walk and it restarted
+      seen.add(h);
+      out.push(Buffer.from(k));
+    }
+    return out;
+  }
+
+  /**
+   * Takes over the stitches an earlier daemon left: every commit entry (stitch_cfg) whose two legs
+   * and state carry its generation. Anything else in legs, stitch_cfg or stitch_state is the rest of
+   * an install or removal cut short, which the program ignores already, and is deleted.
+   */
+  adoptAll(): AdoptionResult {
+    const adopted: Installed[] = [];
+    const dropped = { stitch_cfg: 0, legs: 0, stitch_state: 0 };
+    const kept = new Map<number, number>(); // id -> gen
+    for (const k of this.keys('stitch_cfg')) {
+      const v = native.mapLookup(this.maps.stitch_cfg, k, STITCH_CFG_SIZE);
+      if (!v) continue;
+      const cfg = decodeStitchCfg(v);
+      const spec = specOfCfg(cfg);
+      const keys: [Buffer, Buffer] = [encodeFlowKey(clientLegKey(spec)), encodeFlowKey(coreLegKey(spec))];
+      const legOk = (key: Buffer, side: number) => {
+        const l = native.mapLookup(this.maps.legs, key, LEG_VAL_SIZE);
+        const d = l && decodeLegVal(l);
+        return !!d && d.id === cfg.id && d.gen === cfg.gen && d.side === side;
+      };
+      const st = this.state(cfg.id);
+      if (cfg.id !== k.readUInt32LE(0) || !legOk(keys[0], SIDE_CLIENT) || !legOk(keys[1], SIDE_CORE) || !st || st.gen !== cfg.gen) {
+        if (native.mapDelete(this.maps.stitch_cfg, k)) dropped.stitch_cfg++;
+        continue;
+      }
+      kept.set(cfg.id, cfg.gen);
+      adopted.push({ spec, gen: cfg.gen, cfg, keys, adopted: true });
+    }
+    for (const k of this.keys('legs')) {
+      const l = native.mapLookup(this.maps.legs, k, LEG_VAL_SIZE);
+      const d = l && decodeLegVal(l);
+      if (!d || kept.get(d.id) !== d.gen) if (native.mapDelete(this.maps.legs, k)) dropped.legs++;
+    }
+    for (const k of this.keys('stitch_state')) {
+      const st = this.state(k.readUInt32LE(0));
+      if (!st || kept.get(k.readUInt32LE(0)) !== st.gen) if (native.mapDelete(this.maps.stitch_state, k)) dropped.stitch_state++;
+    }
+    adopted.sort((a, b) => a.spec.id - b.spec.id);
+    return { adopted, dropped };
+  }
+
   stats(): Record<StatName, number> {
     const info = native.mapInfo(this.maps.stats);
     const v = native.mapLookup(this.maps.stats, u32Key(0), info.userValueSize);
@@ -399,9 +645,13 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
     shell = shell.slice(0, 4);
   }
 
-  const obj = await openStitchObject({ bpffs: options.bpffs, objectPath: options.objectPath });
+  const obj = await openStitchObject({
+    bpffs: options.bpffs, objectPath: options.objectPath,
+    ...(options.bpffs !== undefined && { persistentName: persistentPinName(options.shellIface) }),
+  });
   const maps = new StitchMaps(obj.maps);
   const attached: Array<{ iface: string; ownQdisc: boolean }> = [];
+  const pinMarkers = new Set(markers(obj.pinDir));
   const cloneMark = options.cloneMark ?? DEFAULT_CLONE_MARK;
   let cfg: GlobalCfg = {
     shell, shellIfindex: shellLink.ifindex, clientIfindex: ifindexOf(options.clientIface), coreIfindex: ifindexOf(options.coreIface),
@@ -412,27 +662,69 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
     for (const a of attached.splice(0).reverse()) {
       await sh('tc', ['filter', 'del', 'dev', a.iface, 'ingress', 'pref', String(TC_PREF)]).catch((e) => log.warn('tc filter del failed', { iface: a.iface, err: e }));
       if (a.ownQdisc) await sh('tc', ['qdisc', 'del', 'dev', a.iface, 'clsact']).catch((e) => log.warn('tc qdisc del failed', { iface: a.iface, err: e }));
+      clearMarker(obj.pinDir, marker.iface(a.iface));
+      clearMarker(obj.pinDir, marker.clsact(a.iface));
     }
   };
 
+  // An adopted program stays attached where the daemon before attached it (stitched packets may
+  // cross any of those interfaces), besides the interfaces asked for now.
+  const attachTo = [...ifaces];
+  if (obj.adopted) {
+    for (const l of links) {
+      if (!attachTo.includes(l.ifname) && pinMarkers.has(marker.iface(l.ifname))) attachTo.push(l.ifname);
+    }
+    if (attachTo.length > ifaces.length) log.info('the adopted program stays attached to interfaces the earlier daemon used', { ifaces: attachTo.slice(ifaces.length) });
+  }
+
+  let adoption: AdoptionResult = { adopted: [], dropped: { stitch_cfg: 0, legs: 0, stitch_state: 0 } };
   try {
+    if (obj.adopted) adoption = maps.adoptAll();
     maps.writeConfig(cfg);
-    for (const iface of ifaces) {
+    for (const iface of attachTo) {
       const qd = await sh('tc', ['qdisc', 'show', 'dev', iface]);
-      const ownQdisc = !/\bclsact\b/.test(qd);
-      if (ownQdisc) await sh('tc', ['qdisc', 'add', 'dev', iface, 'clsact']);
+      // A clsact the daemon before added (marker) is ours to remove at the end too.
+      let ownQdisc = pinMarkers.has(marker.clsact(iface));
+      if (!/\bclsact\b/.test(qd)) {
+        setMarker(obj.pinDir, marker.clsact(iface));
+        await sh('tc', ['qdisc', 'add', 'dev', iface, 'clsact']);
+        ownQdisc = true;
+      }
+      setMarker(obj.pinDir, marker.iface(iface));
       attached.push({ iface, ownQdisc });
-      // replace: a daemon that died without close() left its filter; the new one takes its place
+      // replace: a daemon that died without close() left its filter; the new one takes its place (an
+      // adopted program replaces itself)
       await sh('tc', ['filter', 'replace', 'dev', iface, 'ingress', 'pref', String(TC_PREF), 'handle', '1', 'bpf', 'direct-action', 'object-pinned', obj.progPath]);
     }
   } catch (e) {
-    await detach();
-    await obj.close();
+    if (obj.adopted) {
+      // The program still carries the earlier daemon's stitches: leave it attached and pinned.
+      attached.length = 0;
+      await obj.close({ keepPins: true });
+    } else {
+      await detach();
+      await obj.close();
+    }
     throw e;
   }
-  log.info('eBPF datapath attached', { ifaces, shellIface: options.shellIface, shell: shell.map((p) => `${p.addr}/${p.prefixLength}`), pinDir: obj.pinDir, mssClamp: cfg.mssClamp || 'off' });
+  log.info('eBPF datapath attached', {
+    ifaces: attachTo, shellIface: options.shellIface, shell: shell.map((p) => `${p.addr}/${p.prefixLength}`), pinDir: obj.pinDir,
+    persistent: obj.persistent, mssClamp: cfg.mssClamp || 'off',
+  });
+  if (obj.adopted) {
+    const d = adoption.dropped;
+    log.info('eBPF datapath adopted from the daemon before', {
+      pinDir: obj.pinDir, stitches: adoption.adopted.map((i) => i.spec.id), trackedFlows: maps.keys('flows').length,
+      ...(d.stitch_cfg + d.legs + d.stitch_state > 0 && { incompleteEntriesDeleted: d }),
+    });
+  }
 
   const installed = new Map<number, Installed>();
+  for (const inst of adoption.adopted) {
+    const st = maps.state(inst.spec.id);
+    if (st) inst.last = statusOf(inst.spec.id, st, inst.cfg.flags);
+    installed.set(inst.spec.id, inst);
+  }
   const listeners: Array<(s: StitchStatus) => void> = [];
   const drain = options.drain ?? true;
   let closed = false;
@@ -450,6 +742,27 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       let st: StitchStateVal | undefined;
       try { st = maps.state(id); } catch (e) { log.warn('state read failed', { id, err: e }); continue; }
       if (!st || st.gen !== inst.gen) continue;
+      // No packet since the commit: the program has not even taken its snapshot. If the legs'
+      // tracking (as of the commit) says the shell holds nothing, tell the program to start
+      // stitched at the first packet (docs/handover.md, rule 9).
+      if (st.phase === PHASE_INSTALLED && !(inst.cfg.flags & STITCH_START_STITCHED)) {
+        const ok = idleDrained(inst, maps);
+        if (!ok && !inst.slowLogged && Date.now() - (inst.installedAt ?? 0) > 2000) {
+          inst.slowLogged = true;
+          const fl = [maps.flow(clientLegKey(inst.spec)), maps.flow(coreLegKey(inst.spec))].map((f) => f && f.dir.map((x) => ({ seqHi: x.seqHi, ackHi: x.ackHi, edgeHi: x.edgeHi })));
+          log.warn('drain slow: no packet since the commit, and the tracking says the shell still holds bytes', { id, seqDelta: inst.cfg.side.map((x) => x.seqDelta), client: fl[0], core: fl[1] });
+        }
+        if (ok && inst.idleSeen) {
+          try { maps.setFlags(inst, STITCH_START_STITCHED); } catch (e) { log.warn('start-stitched update failed', { id, err: e }); }
+        }
+        inst.idleSeen = ok;
+      }
+      if (st.phase !== PHASE_STITCHED && st.firstNs !== 0n && !inst.slowLogged && now - st.firstNs > 2_000_000_000n) {
+        // A drain this long means one of its conditions (docs/handover.md rule 8) does not come true.
+        inst.slowLogged = true;
+        const side = (x: StitchStateVal['side'][number]) => ({ boundary: x.boundary, handed: x.handed, ackFar: x.ackFar, edgeFar: x.edgeFar, ackSent: x.ackSent, ackToShell: x.ackToShell, edgeToShell: x.edgeToShell, clones: Number(x.clones), shellPassed: Number(x.shellPassed), shellDropped: Number(x.shellDropped) });
+        log.warn('drain slow: still draining 2 s after the first packet', { id, drainOkNs: String(st.drainOkNs), client: side(st.side[SIDE_CLIENT]), core: side(st.side[SIDE_CORE]) });
+      }
       // Idle connections: the program only acts on packets, so the hold of the drain condition is
       // confirmed here once it has lasted two polls, and the program told to silence the shell.
       if (st.phase !== PHASE_STITCHED && st.phase !== PHASE_FAILED && st.drainOkNs !== 0n &&
@@ -483,14 +796,15 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       tableSize: MAX_STITCHES,
     },
     pinDir: obj.pinDir,
-    ifaces,
+    persistent: obj.persistent,
+    ifaces: attachTo,
     async install(spec) {
       if (closed) throw new ClosedError('eBPF datapath is closed');
       checkSpec(spec);
       if (installed.has(spec.id)) throw new DatapathError(`stitch ${spec.id} is already installed`);
       if (installed.size >= MAX_STITCHES) throw new DatapathError(`the datapath table is full (${MAX_STITCHES} stitches)`);
       const inst = maps.install(spec, { drain, shellIfindex: shellLink.ifindex });
-      installed.set(spec.id, inst);
+      installed.set(spec.id, { ...inst, installedAt: Date.now() });
       log.info('stitch installed', { id: spec.id, gen: inst.gen, drain, seqDelta: inst.cfg.side.map((s) => s.seqDelta), wscale: inst.cfg.side.map((s) => [s.wsFar, s.wsShell]) });
       schedule();
     },
@@ -517,17 +831,37 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
     },
     rawState: (id) => maps.state(id),
     flow: (key) => maps.flow(key),
-    async close() {
+    adopted: () => [...installed.values()].filter((i) => i.adopted).map((i) => ({
+      id: i.spec.id, clientLeg: structuredClone(i.spec.clientLeg), coreLeg: structuredClone(i.spec.coreLeg),
+      gen: i.gen, flags: i.cfg.flags, seqDelta: [i.cfg.side[0].seqDelta, i.cfg.side[1].seqDelta],
+    })),
+    entries() {
+      if (closed) throw new ClosedError('eBPF datapath is closed');
+      return { flows: maps.keys('flows').length, legs: maps.keys('legs').length, stitch_cfg: maps.keys('stitch_cfg').length, stitch_state: maps.keys('stitch_state').length };
+    },
+    async close(opts: DatapathCloseOptions = {}) {
       if (closed) return;
+      let left = 0;
+      if (!opts.detach && obj.persistent) {
+        try { left = maps.keys('stitch_cfg').length; } catch (e) { log.warn('stitch count failed; tearing down', { err: e }); }
+      }
       closed = true;
       if (timer) clearInterval(timer);
       timer = undefined;
       installed.clear();
+      if (left > 0) {
+        await obj.close({ keepPins: true });
+        log.info(`eBPF datapath left attached: the fast path stays up for ${left} stitch${left === 1 ? '' : 'es'} until the next daemon adopts it`, {
+          stitches: left, pinDir: obj.pinDir, ifaces: attachTo,
+        });
+        return;
+      }
       await detach();
       await obj.close();
-      log.info('eBPF datapath detached', { ifaces });
+      log.info('eBPF datapath detached', { ifaces: attachTo });
     },
   };
+  schedule();
   return dp;
 }
 

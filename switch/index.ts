@@ -11,7 +11,10 @@
 //
 // Datapaths. 'table' is the in-memory datapath and is honest about it: it advertises no translations,
 // so discovery reports the switch as incapable and shells keep their connections on the shell path.
-// 'ebpf' loads switch/datapath.ts (the kernel fast path) on demand. A Datapath object is used as
+// 'ebpf' loads switch/datapath.ts (the kernel fast path) on demand; with `bpffs` its pins live in a
+// stable directory there, so stitches survive a restart of the switch (docs/datapath.md, "Daemon
+// restart"): the control server takes the adopted stitches into its table, and each shell claims its
+// own when it re-installs them after seeing the new boot id. A Datapath object is used as
 // given (tests pass createTableDatapath({ translations: ALL_TRANSLATIONS }) to get a capable switch
 // without eBPF); it stays the caller's to close.
 import { InvalidArgumentError, DatapathError, StitchError } from '../sdk/errors.ts';
@@ -20,7 +23,7 @@ import { createSwitchControl, type SwitchCounters, type SwitchSnapshot } from '.
 import { DEFAULT_PORT, type Key } from './protocol.ts';
 import { generateKey, loadKeyFile } from './keys.ts';
 import { createTableDatapath } from './table-datapath.ts';
-import type { Datapath } from './stitch-types.ts';
+import type { Datapath, DatapathCloseOptions } from './stitch-types.ts';
 
 export {
   DEFAULT_PORT, PROTOCOL_VERSION, TRANSLATIONS,
@@ -28,7 +31,7 @@ export {
 } from './protocol.ts';
 export { formatKeyFile, generateKey, generateKeyFile, loadKeyFile, parseKeyFile, selectKey } from './keys.ts';
 export { ALL_TRANSLATIONS, createTableDatapath, type TableDatapath, type TableDatapathInit } from './table-datapath.ts';
-export type { Datapath, StitchSpec, StitchState, StitchStatus } from './stitch-types.ts';
+export type { AdoptedStitch, Datapath, DatapathCloseOptions, StitchSpec, StitchState, StitchStatus } from './stitch-types.ts';
 export type { SwitchCounters, SwitchSnapshot } from './control-server.ts';
 
 export interface RunSwitchOptions {
@@ -45,19 +48,27 @@ export interface RunSwitchOptions {
   port?: number;
   /** 16 hex digits; default derived from the host name and the shell interface. */
   switchId?: string;
+  /** 'ebpf' only (`--bpffs`): a mounted bpffs for the datapath's pins, in the stable directory
+   *  <bpffs>/tcp-stitch-<shellIface>. Stitches then survive a restart of the switch: close() leaves
+   *  them in the kernel and the next runSwitch adopts them. Without it a restart loses them. */
+  bpffs?: string;
 }
 
 export interface SwitchStatus extends SwitchSnapshot {
   datapath: 'table' | 'ebpf' | 'custom';
   /** False when the switch runs without a key file (unauthenticated DISCOVER only). */
   keyed: boolean;
+  /** Entries per datapath table, when the datapath counts them (eBPF: flows, legs, stitch_cfg,
+   *  stitch_state): legs = 2 x stitch_cfg = 2 x stitch_state when nothing leaks. */
+  datapathEntries?: Record<string, number>;
 }
 
 export interface RunningSwitch {
   /** Serves the switch's local control socket: {op: 'status'} gives the snapshot `tcp-stitch switch-status` prints. */
   control(request: Record<string, unknown>): Promise<unknown>;
-  /** Closes the control socket and the datapath runSwitch created. Idempotent. */
-  close(): Promise<void>;
+  /** Closes the control socket and the datapath runSwitch created. Idempotent. A persistent eBPF
+   *  datapath (bpffs) with stitches installed stays up for the next switch unless { detach: true }. */
+  close(opts?: DatapathCloseOptions): Promise<void>;
   readonly bootId: string;
   readonly switchId: string;
   readonly address: string;
@@ -72,9 +83,9 @@ function isDatapath(d: unknown): d is Datapath {
     !!x.capabilities && Array.isArray(x.capabilities.translations);
 }
 
-type EbpfModule = { createEbpfDatapath?: (o: { shellIface: string; logger?: Logger }) => Datapath | Promise<Datapath> };
+type EbpfModule = { createEbpfDatapath?: (o: { shellIface: string; logger?: Logger; bpffs?: string }) => Datapath | Promise<Datapath> };
 
-async function loadEbpfDatapath(shellIface: string, logger: Logger): Promise<Datapath> {
+async function loadEbpfDatapath(shellIface: string, logger: Logger, bpffs: string | undefined): Promise<Datapath> {
   let mod: EbpfModule;
   try {
     // Loaded on demand: the table datapath and the agent never need the native binding.
@@ -87,7 +98,7 @@ async function loadEbpfDatapath(shellIface: string, logger: Logger): Promise<Dat
     throw new DatapathError('switch/datapath.ts does not export createEbpfDatapath({ shellIface, logger })');
   }
   try {
-    return await mod.createEbpfDatapath({ shellIface, logger });
+    return await mod.createEbpfDatapath({ shellIface, logger, ...(bpffs !== undefined && { bpffs }) });
   } catch (err) {
     if (err instanceof StitchError) throw err;
     throw new DatapathError(`the eBPF datapath failed to start on ${shellIface}: ${(err as Error).message}`, { cause: err });
@@ -104,6 +115,8 @@ export async function runSwitch(opts: RunSwitchOptions): Promise<RunningSwitch> 
   if (d !== 'table' && d !== 'ebpf' && !isDatapath(d)) {
     throw new InvalidArgumentError("datapath must be 'table', 'ebpf' or a Datapath object (createTableDatapath())");
   }
+  if (opts.bpffs !== undefined && (typeof opts.bpffs !== 'string' || opts.bpffs === '')) throw new InvalidArgumentError('bpffs must name a mounted bpf filesystem, e.g. /sys/fs/bpf');
+  if (opts.bpffs !== undefined && d !== 'ebpf') throw new InvalidArgumentError("bpffs is an option of the eBPF datapath (datapath 'ebpf')");
   const log = componentLogger('switch', opts.logger);
 
   let keys: readonly Key[];
@@ -118,7 +131,7 @@ export async function runSwitch(opts: RunSwitchOptions): Promise<RunningSwitch> 
 
   const kind: SwitchStatus['datapath'] = d === 'table' || d === 'ebpf' ? d : 'custom';
   const owned = kind !== 'custom';
-  const datapath = d === 'table' ? createTableDatapath() : d === 'ebpf' ? await loadEbpfDatapath(opts.shellIface, log) : d;
+  const datapath = d === 'table' ? createTableDatapath() : d === 'ebpf' ? await loadEbpfDatapath(opts.shellIface, log, opts.bpffs) : d;
   if (kind === 'table') log.info('table datapath: no packet translation, so the switch advertises no capability and shells will not stitch');
 
   let control: ReturnType<typeof createSwitchControl>;
@@ -148,13 +161,17 @@ export async function runSwitch(opts: RunSwitchOptions): Promise<RunningSwitch> 
     counters: () => control.counters(),
     async control(request) {
       const op = request && typeof request === 'object' ? request.op : undefined;
-      if (op === 'status') return { ...control.snapshot(), datapath: kind, keyed } satisfies SwitchStatus;
+      if (op === 'status') {
+        let entries: Record<string, number> | undefined;
+        try { entries = datapath.entries?.(); } catch (err) { log.warn('datapath entries not counted', { err }); }
+        return { ...control.snapshot(), datapath: kind, keyed, ...(entries && { datapathEntries: entries }) } satisfies SwitchStatus;
+      }
       throw new InvalidArgumentError(`unknown op ${JSON.stringify(op)}; valid ops: status`);
     },
-    close() {
+    close(closeOpts) {
       closing ??= (async () => {
         await control.close();
-        if (owned) await datapath.close();
+        if (owned) await datapath.close(closeOpts);
       })();
       return closing;
     },

@@ -96,7 +96,8 @@ const STATE_NAMES = invert(STITCH_STATES);
 
 /** Status reasons with a wire code; any other reason string is carried as 'other' (255). */
 export const STATUS_REASONS: Readonly<Record<string, number>> = {
-  fin: 1, rst: 2, 'untracked-leg': 3, unstitched: 4, drained: 5, 'idle-timeout': 6, 'datapath-error': 7, other: 255,
+  fin: 1, rst: 2, 'untracked-leg': 3, unstitched: 4, drained: 5, 'idle-timeout': 6, 'datapath-error': 7,
+  'client-rst': 8, 'core-rst': 9, other: 255,
 };
 const STATUS_REASON_NAMES = invert(STATUS_REASONS);
 

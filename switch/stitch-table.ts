@@ -7,6 +7,9 @@ import { legKey, type StitchLegs } from './protocol.ts';
 /** A stitch belongs to the shell address that asked for it, authenticated with one key. */
 export interface StitchOwner { address: string; keyId: number }
 
+/** The key id of an adopted stitch's owner before it claims the stitch (no key has it). */
+export const UNKNOWN_KEY_ID = -1;
+
 export interface TableEntry {
   spec: StitchSpec;
   owner: StitchOwner;
@@ -18,6 +21,14 @@ export interface TableEntry {
   deferredStatus?: StitchStatus;
   /** Set while datapath.remove runs for an UNSTITCH. */
   removing?: boolean;
+  /** The connection ended (closed/failed); freed when the owner acknowledges the NOTIFY. */
+  ended?: boolean;
+  /**
+   * Taken over from the daemon before (the datapath kept it across the restart) and not claimed yet:
+   * owner.keyId is UNKNOWN_KEY_ID, notifyPort 0 (no NOTIFY), the offsets in spec unknown (0). The
+   * owner address claims it with a STITCH of the same legs, compared by their 4-tuples only.
+   */
+  adopted?: boolean;
   createdAt: number;
 }
 
@@ -48,6 +59,14 @@ export interface StitchTableInit {
   capacity: number;
   /** Most stitches one shell address may hold (default: capacity). */
   quotaPerShell?: number;
+}
+
+const sameEndpoint = (a: { address: string; port: number }, b: { address: string; port: number }) => a.address === b.address && a.port === b.port;
+
+/** Same 4-tuples of both legs, each in its role. */
+export function sameLegs(a: StitchLegs | TableEntry['spec'], b: StitchLegs): boolean {
+  return sameEndpoint(a.clientLeg.client, b.clientLeg.client) && sameEndpoint(a.clientLeg.shell, b.clientLeg.shell) &&
+    sameEndpoint(a.coreLeg.shell, b.coreLeg.shell) && sameEndpoint(a.coreLeg.core, b.coreLeg.core);
 }
 
 function sameMapping(a: StitchLegs, b: StitchLegs): boolean {
@@ -82,8 +101,9 @@ export function createStitchTable(init: StitchTableInit): StitchTable {
       const a = byLeg.get(clientLegKey(legs));
       const b = byLeg.get(coreLegKey(legs));
       if (a || b) {
-        if (a && a === b && sameMapping(a.spec, legs)) {
-          if (a.owner.address !== owner.address || a.owner.keyId !== owner.keyId) return { kind: 'refused', reason: 'not-owner', entry: a };
+        // An adopted entry's offsets are unknown: its legs are all there is to compare.
+        if (a && a === b && (a.adopted ? sameLegs(a.spec, legs) : sameMapping(a.spec, legs))) {
+          if (a.owner.address !== owner.address || (!a.adopted && a.owner.keyId !== owner.keyId)) return { kind: 'refused', reason: 'not-owner', entry: a };
           return { kind: 'existing', entry: a };
         }
         return { kind: 'refused', reason: 'leg-in-use', entry: (a ?? b)! };

@@ -34,8 +34,31 @@ export interface StitchStatus {
   bytesClientToCore: number; bytesCoreToClient: number;
   /** Packets of the shell's own sockets dropped (silenced) on the stitched legs. */
   shellPacketsDropped: number;
-  /** Why it failed or closed, when it did: 'fin', 'rst', 'untracked-leg', ... */
+  /** Why it failed or closed, when it did: 'fin', 'client-rst', 'core-rst', 'untracked-leg', ... */
   reason?: string;
+}
+
+/**
+ * A stitch a datapath took over from an earlier daemon (the eBPF datapath with a persistent pin
+ * directory, docs/datapath.md "Daemon restart"): the legs are known from the datapath's commit entry,
+ * the byte offsets are not (they are folded into the installed sequence deltas, which stay as they are).
+ */
+export interface AdoptedStitch {
+  id: number;
+  clientLeg: { client: Endpoint; shell: Endpoint };
+  coreLeg: { shell: Endpoint; core: Endpoint };
+  /** The generation the earlier daemon installed it with (kept). */
+  gen: number;
+  /** The commit entry's flags as installed (START_STITCHED 0x1, FORCE_STITCHED 0x2). */
+  flags: number;
+  /** The installed sequence deltas, [client side, core side] (mod 2^32): what is left of the offsets. */
+  seqDelta: [number, number];
+}
+
+export interface DatapathCloseOptions {
+  /** Tear everything down even when stitches are still installed (a persistent datapath otherwise
+   *  leaves its fast path up for the next daemon to adopt). */
+  detach?: boolean;
 }
 
 /** What the control daemon needs from a datapath. The eBPF one lives in switch/datapath.ts. */
@@ -51,5 +74,9 @@ export interface Datapath {
   status(id: number): StitchStatus | undefined;
   /** Called with every state change the datapath observes (FIN, RST, drained, ...). */
   onStateChange(listener: (status: StitchStatus) => void): void;
-  close(): Promise<void>;
+  /** Stitches taken over from an earlier daemon and still installed (status/remove work for them). */
+  adopted?(): AdoptedStitch[];
+  /** Entries per datapath table (eBPF: legs, stitch_cfg, stitch_state, flows), to see nothing leaks. */
+  entries?(): Record<string, number>;
+  close(opts?: DatapathCloseOptions): Promise<void>;
 }

@@ -5,7 +5,7 @@
 // its connections on the shell path (fail safe, DESIGN.md invariant 4). Tests that need a capable
 // switch pass `translations` explicitly.
 import { DatapathError } from '../sdk/errors.ts';
-import type { Datapath, StitchSpec, StitchState, StitchStatus } from './stitch-types.ts';
+import type { AdoptedStitch, Datapath, StitchSpec, StitchState, StitchStatus } from './stitch-types.ts';
 import { TRANSLATIONS, type Translation } from './protocol.ts';
 
 export interface TableDatapathInit {
@@ -15,6 +15,9 @@ export interface TableDatapathInit {
   tracked?: (spec: StitchSpec) => boolean;
   /** Make install fail with a datapath error (tests). */
   failInstall?: (spec: StitchSpec) => boolean;
+  /** Stitches "left by an earlier daemon": installed from the start (state 'stitched', or as given)
+   *  and reported by adopted(), as the eBPF datapath does with a persistent pin directory (tests). */
+  adopted?: Array<AdoptedStitch & { state?: StitchState; reason?: string }>;
 }
 
 export interface TableDatapath extends Datapath {
@@ -45,6 +48,19 @@ export function createTableDatapath(init: TableDatapathInit = {}): TableDatapath
   const listeners: Array<(s: StitchStatus) => void> = [];
   let installs = 0;
   let closed = false;
+  const adopted = new Map<number, AdoptedStitch>();
+  for (const a of init.adopted ?? []) {
+    const { state, reason, ...rest } = a;
+    adopted.set(a.id, structuredClone(rest));
+    stitches.set(a.id, {
+      id: a.id, clientLeg: structuredClone(a.clientLeg), coreLeg: structuredClone(a.coreLeg),
+      clientOffset: 0n, corePreambleLength: 0, shellOffset: 0n, coreAnswerLength: 0,
+    });
+    statuses.set(a.id, {
+      id: a.id, state: state ?? 'stitched', packetsClientToCore: 0, packetsCoreToClient: 0,
+      bytesClientToCore: 0, bytesCoreToClient: 0, shellPacketsDropped: 0, ...(reason !== undefined && { reason }),
+    });
+  }
 
   return {
     capabilities: { translations: [...(init.translations ?? [])], tableSize },
@@ -66,7 +82,10 @@ export function createTableDatapath(init: TableDatapathInit = {}): TableDatapath
     async remove(id) {
       stitches.delete(id);
       statuses.delete(id);
+      adopted.delete(id);
     },
+    adopted: () => [...adopted.values()].map((a) => structuredClone(a)),
+    entries: () => ({ stitches: stitches.size }),
     status(id) {
       const s = statuses.get(id);
       return s && { ...s };
@@ -85,6 +104,7 @@ export function createTableDatapath(init: TableDatapathInit = {}): TableDatapath
       closed = true;
       stitches.clear();
       statuses.clear();
+      adopted.clear();
       listeners.length = 0;
     },
   };

@@ -44,24 +44,104 @@ function collect(child: ChildProcess, into: string[]) {
     const lines = buf.split('\n');
     buf = lines.pop()!;
     into.push(...lines);
+    child.emit('log-lines');
   });
 }
 
 /**
- * Starts backend (`echo` from test/fixtures/echo-backend.ts, or a static HTTP server over `httpRoot`),
+ * Resolves once `count` lines collected from `child`'s stderr (into `lines`, by collect()) match
+ * `re`; rejects if the child exits first or after timeoutMs.
+ */
+export function waitForLog(child: ChildProcess, lines: string[], re: RegExp, count = 1, timeoutMs = 30000): Promise<string[]> {
+  const hits = () => lines.filter((l) => re.test(l));
+  if (hits().length >= count) return Promise.resolve(hits());
+  return new Promise((resolve, reject) => {
+    const done = (fn: () => void) => { clearTimeout(timer); child.off('log-lines', check); child.off('exit', onExit); fn(); };
+    const check = () => { const h = hits(); if (h.length >= count) done(() => resolve(h)); };
+    const onExit = (code: number | null) => done(() => reject(new Error(`process exited (${code}) with ${hits().length}/${count} log lines matching ${re}; last lines:\n${lines.slice(-20).join('\n')}`)));
+    const timer = setTimeout(() => done(() => reject(new Error(`${hits().length}/${count} log lines matching ${re} within ${timeoutMs} ms; last lines:\n${lines.slice(-20).join('\n')}`))), timeoutMs);
+    child.on('log-lines', check);
+    child.once('exit', onExit);
+  });
+}
+
+export interface RunningSwitchProcess { child: ChildProcess; logs: string[]; controlPath: string }
+
+/** `tcp-stitch switch` in S (eBPF datapath unless args say otherwise); resolves once it serves. */
+export async function startSwitch(topo: Topology, args: string[]): Promise<RunningSwitchProcess> {
+  const controlPath = `/run/${topo.id}-switch.sock`;
+  const child = nodeInNs(topo.s, 'bin/tcp-stitch.js', ['switch', '--shell-iface', 'to-a', '--control', controlPath, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const logs: string[] = [];
+  collect(child, logs);
+  await waitForLog(child, logs, /"switch running"/);
+  return { child, logs, controlPath };
+}
+
+/**
+ * Starts backend (`echo` from test/fixtures/echo-backend.ts, `peer` from test/fixtures/peer.ts, or a
+ * static HTTP server over `httpRoot`),
  * core on B and shell on A. Readiness is waited for on the listeners, never by sleeping.
  */
-export async function startSegmented(topo: Topology, opts: { backend: 'echo' } | { backend: 'http'; httpRoot: string }, shellArgs: string[] = ['--switch', 'off']): Promise<Segmented> {
+export async function startSegmented(topo: Topology, opts: ({ backend: 'echo' | 'peer' } | { backend: 'http'; httpRoot: string }) & { coreArgs?: string[] }, shellArgs: string[] = ['--switch', 'off']): Promise<Segmented> {
   const { a, b } = topo;
-  const backend = opts.backend === 'echo'
-    ? nodeInNs(b, 'test/fixtures/echo-backend.ts', ['127.0.0.1', String(BACKEND_PORT)], { stdio: ['ignore', 'pipe', 'pipe'] })
-    : b.spawn('python3', ['-m', 'http.server', String(BACKEND_PORT), '--bind', '127.0.0.1', '--directory', opts.httpRoot], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const backend = opts.backend === 'http'
+    ? b.spawn('python3', ['-m', 'http.server', String(BACKEND_PORT), '--bind', '127.0.0.1', '--directory', opts.httpRoot], { stdio: ['ignore', 'pipe', 'pipe'] })
+    : opts.backend === 'echo'
+      ? nodeInNs(b, 'test/fixtures/echo-backend.ts', ['127.0.0.1', String(BACKEND_PORT)], { stdio: ['ignore', 'pipe', 'pipe'] })
+      : nodeInNs(b, 'test/fixtures/peer.ts', ['listen', '127.0.0.1', String(BACKEND_PORT)], { stdio: ['pipe', 'pipe', 'pipe'] });
   const logs = { shell: [] as string[], core: [] as string[] };
-  const core = nodeInNs(b, 'bin/tcp-stitch.js', ['core', '--listen', `${b.addr}:${CORE_PORT}`, '--forward', `127.0.0.1:${BACKEND_PORT}`], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const core = nodeInNs(b, 'bin/tcp-stitch.js', ['core', '--listen', `${b.addr}:${CORE_PORT}`, '--forward', `127.0.0.1:${BACKEND_PORT}`, ...(opts.coreArgs ?? [])], { stdio: ['ignore', 'pipe', 'pipe'] });
   collect(core, logs.core);
   const controlPath = `/run/${topo.id}-shell.sock`;
   const shell = nodeInNs(a, 'bin/tcp-stitch.js', ['shell', '--listen', `${a.addr}:${SHELL_PORT}`, '--core', `${b.addr}:${CORE_PORT}`, '--control', controlPath, ...shellArgs], { stdio: ['ignore', 'pipe', 'pipe'] });
   collect(shell, logs.shell);
   await Promise.all([b.waitForListen(BACKEND_PORT), b.waitForListen(CORE_PORT), a.waitForListen(SHELL_PORT)]);
   return { shell, core, backend, controlPath, shellAddr: a.addr, logs };
+}
+
+/** A child speaking JSON lines on stdout; requests on stdin. */
+export class JsonProc {
+  readonly lines: Array<Record<string, unknown>> = [];
+  private waiters: Array<{ pred: (o: Record<string, unknown>) => boolean; resolve: (o: Record<string, unknown>) => void }> = [];
+  private stderr = '';
+  private seq = 0;
+  constructor(readonly name: string, readonly child: ChildProcess) {
+    let buf = '';
+    child.stdout!.on('data', (d: Buffer) => {
+      buf += d;
+      const parts = buf.split('\n');
+      buf = parts.pop()!;
+      for (const l of parts) {
+        if (!l.startsWith('{')) continue;
+        const o = JSON.parse(l) as Record<string, unknown>;
+        this.lines.push(o);
+        for (const w of this.waiters.filter((x) => x.pred(o))) {
+          this.waiters.splice(this.waiters.indexOf(w), 1);
+          w.resolve(o);
+        }
+      }
+    });
+    child.stderr!.on('data', (d: Buffer) => { this.stderr += d; if (this.stderr.length > 200_000) this.stderr = this.stderr.slice(-100_000); });
+  }
+  logs(): string { return this.stderr; }
+  /** The first line (already seen or to come) matching pred. */
+  wait(pred: (o: Record<string, unknown>) => boolean, what: string, timeoutMs = 30_000): Promise<Record<string, unknown>> {
+    const seen = this.lines.find(pred);
+    if (seen) return Promise.resolve(seen);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`${this.name}: no ${what} within ${timeoutMs} ms; stderr: ${this.stderr.slice(-3000)}`)), timeoutMs);
+      const onExit = (code: number | null) => { clearTimeout(timer); reject(new Error(`${this.name} exited (${code}) before ${what}; stderr: ${this.stderr.slice(-3000)}`)); };
+      this.child.once('exit', onExit);
+      this.waiters.push({ pred, resolve: (o) => { clearTimeout(timer); this.child.off('exit', onExit); resolve(o); } });
+    });
+  }
+  line(s: string): void { this.child.stdin!.write(s + '\n'); }
+  async request(req: Record<string, unknown>): Promise<Record<string, unknown>> {
+    const seq = ++this.seq;
+    const p = this.wait((o) => o.seq === seq, `answer to ${String(req.op)}`);
+    this.child.stdin!.write(JSON.stringify({ ...req, seq }, (_k, v) => (typeof v === 'bigint' ? v.toString() : v)) + '\n');
+    const r = await p;
+    if (r.ok !== true) throw new Error(`${this.name}: ${String(req.op)} failed: ${JSON.stringify(r)}`);
+    return r;
+  }
 }

@@ -443,7 +443,7 @@ describe('bpf vectors', function () {
       });
       const st = t.maps.state(w.id)!;
       assert.equal(st.term & (TERM_RST << SIDE_CORE), TERM_RST << SIDE_CORE);
-      assert.deepEqual([statusOf(w.id, st).state, statusOf(w.id, st).reason], ['closed', 'rst']);
+      assert.deepEqual([statusOf(w.id, st).state, statusOf(w.id, st).reason], ['closed', 'core-rst']);
     });
 
     it('stitched - drop injector: at 1e6 per million every translated packet is dropped and counted', () => {

@@ -360,13 +360,15 @@ describe('control', () => {
     const c = client(port);
     const order: string[] = [];
     const notified = once(c, 'notify').then(([n]) => { order.push('notify'); return n; });
+    const acked = once(sw, 'notify:acked');
     const r = await c.stitch(legsFor(1));
     order.push('reply');
     const n = await notified;
     assert.deepStrictEqual(order, ['reply', 'notify']);
     assert.equal(n.status.id, r.id);
     assert.equal(n.status.reason, 'rst');
-    assert.equal(sw.snapshot().stitches.length, 0, 'the switch freed the stitch');
+    await acked;
+    assert.equal(sw.snapshot().stitches.length, 0, 'the switch freed the stitch once the owner acknowledged');
   });
 
   it('control - NOTIFY is retransmitted until acknowledged, then stops', async () => {
@@ -387,6 +389,25 @@ describe('control', () => {
     assert.ok(sw.counters().notifies.retransmitted >= 1);
     assert.equal(sw.counters().notifies.acked, 1);
     assert.equal(sw.snapshot().stitches.length, 1, 'draining is not the end');
+  });
+
+  it('control - an ended stitch is kept (the shell still silenced) until its owner acknowledges, or the NOTIFY expires', async () => {
+    const { sw, dp, port } = await startSwitch({ notifyRetransmit: { initialMs: 20, maxMs: 40, totalMs: 300 } });
+    const raw = await rawSocket();
+    await raw.send(signed({ kind: 'request', opcode: 'stitch', bootId: sw.bootId, nonce: newNonce(), legs: legsFor(1), auth: { keyId: 7, sequence: 1n } }), port);
+    await raw.next();
+    dp.setState(1, 'closed', 'client-rst');
+    const n = decode(await raw.next(), KEY);
+    assert.equal(n.opcode, 'notify');
+    assert.equal(sw.snapshot().stitches.length, 1, 'kept while the owner has not answered');
+    assert.equal(dp.stitches.has(1), true, 'the datapath entry too');
+    await raw.send(signed({ kind: 'request', opcode: 'stitch', bootId: sw.bootId, nonce: newNonce(), legs: legsFor(1), auth: { keyId: 7, sequence: 2n } }), port);
+    let reply = decode(await raw.next(), KEY);
+    while (reply.kind === 'request') reply = decode(await raw.next(), KEY); // NOTIFY retransmissions
+    assert.equal((reply as Response).result, 'LEG_IN_USE', 'an ended stitch cannot be taken again');
+    await once(sw, 'notify:expired');
+    assert.equal(sw.snapshot().stitches.length, 0, 'freed when the owner never answers');
+    assert.equal(dp.stitches.has(1), false);
   });
 
   it('control client - a request refused as REPLAYED is sent again once with a fresh sequence', async () => {

@@ -3,61 +3,14 @@
 // flow C<->B through S's translation: sha256 equal at both ends, and the relay moves nothing once
 // the datapath reports 'stitched'. S's egress checksum offload is off (the topology's default).
 import assert from 'node:assert/strict';
-import type { ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createTopology, nodeInNs, requirePrivileges, type Host, type Topology } from './hosts.ts';
 import { payload } from './helpers.ts';
+import { JsonProc as Proc } from './bed.ts';
 
 const GREETING = 'HELLO FROM THE SHELL\n';
 const PREAMBLE = 'TCPSTITCH-PREAMBLE v1 0123456789\n';
 const ANSWER = 'OK 42\n';
-
-/** A child speaking JSON lines on stdout; requests on stdin. */
-class Proc {
-  readonly lines: Array<Record<string, unknown>> = [];
-  private waiters: Array<{ pred: (o: Record<string, unknown>) => boolean; resolve: (o: Record<string, unknown>) => void }> = [];
-  private stderr = '';
-  private seq = 0;
-  constructor(readonly name: string, readonly child: ChildProcess) {
-    let buf = '';
-    child.stdout!.on('data', (d: Buffer) => {
-      buf += d;
-      const parts = buf.split('\n');
-      buf = parts.pop()!;
-      for (const l of parts) {
-        if (!l.startsWith('{')) continue;
-        const o = JSON.parse(l) as Record<string, unknown>;
-        this.lines.push(o);
-        for (const w of this.waiters.filter((x) => x.pred(o))) {
-          this.waiters.splice(this.waiters.indexOf(w), 1);
-          w.resolve(o);
-        }
-      }
-    });
-    child.stderr!.on('data', (d: Buffer) => { this.stderr += d; if (this.stderr.length > 200_000) this.stderr = this.stderr.slice(-100_000); });
-  }
-  logs(): string { return this.stderr; }
-  /** The first line (already seen or to come) matching pred. */
-  wait(pred: (o: Record<string, unknown>) => boolean, what: string, timeoutMs = 30_000): Promise<Record<string, unknown>> {
-    const seen = this.lines.find(pred);
-    if (seen) return Promise.resolve(seen);
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`${this.name}: no ${what} within ${timeoutMs} ms; stderr: ${this.stderr.slice(-3000)}`)), timeoutMs);
-      const onExit = (code: number | null) => { clearTimeout(timer); reject(new Error(`${this.name} exited (${code}) before ${what}; stderr: ${this.stderr.slice(-3000)}`)); };
-      this.child.once('exit', onExit);
-      this.waiters.push({ pred, resolve: (o) => { clearTimeout(timer); this.child.off('exit', onExit); resolve(o); } });
-    });
-  }
-  line(s: string): void { this.child.stdin!.write(s + '\n'); }
-  async request(req: Record<string, unknown>): Promise<Record<string, unknown>> {
-    const seq = ++this.seq;
-    const p = this.wait((o) => o.seq === seq, `answer to ${String(req.op)}`);
-    this.child.stdin!.write(JSON.stringify({ ...req, seq }, (_k, v) => (typeof v === 'bigint' ? v.toString() : v)) + '\n');
-    const r = await p;
-    if (r.ok !== true) throw new Error(`${this.name}: ${String(req.op)} failed: ${JSON.stringify(r)}`);
-    return r;
-  }
-}
 
 const spawnNode = (host: Host, name: string, script: string, args: string[]) =>
   new Proc(name, nodeInNs(host, script, args, { stdio: ['pipe', 'pipe', 'pipe'] }));

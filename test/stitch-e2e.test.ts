@@ -1,0 +1,279 @@
+// The stitch end to end through the CLI, on the namespace hosts: `tcp-stitch switch` (eBPF datapath)
+// in S, `tcp-stitch shell` with its agent in A, `tcp-stitch core` in B, real kernel TCP at C and B
+// with Linux defaults (timestamps, SACK, window scaling), window scales 10 (C) vs 7 (B), S's egress
+// checksum offload off. Connections are stitched with `tcp-stitch stitch` while they carry data.
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { askControl } from '../bin/control.ts';
+import { formatKeyFile, generateKey } from '../switch/index.ts';
+import { createTopology, nodeInNs, PROJECT_ROOT, requirePrivileges, type Topology } from './hosts.ts';
+import { JsonProc, SHELL_PORT, startSegmented, startSwitch, waitForLine, waitForLog, type RunningSwitchProcess, type Segmented } from './bed.ts';
+
+interface ConnView { id: string; phase: number; state: string; bytesFromClient: number; bytesFromCore: number }
+
+/** The running pieces of one stitched bed. */
+interface StitchBed { topo: Topology; sw: RunningSwitchProcess; seg: Segmented; dir: string; verdicts: string[] }
+
+async function startStitchBed(topo: Topology, opts: { backend?: 'echo' | 'peer' } = {}): Promise<StitchBed> {
+  const dir = mkdtempSync(join(tmpdir(), 'tcp-stitch-e2e-'));
+  const keyFile = join(dir, 'key');
+  writeFileSync(keyFile, formatKeyFile([generateKey()]), { mode: 0o600 });
+  // Manual mode: nothing is stitched until the test says so.
+  const policy = join(dir, 'manual.json');
+  writeFileSync(policy, JSON.stringify({ version: 1, mode: 'manual', rules: [] }));
+  const sw = await startSwitch(topo, ['--key-file', keyFile]);
+  const seg = await startSegmented(topo, { backend: opts.backend ?? 'echo', coreArgs: ['--key-file', keyFile] },
+    ['--switch', 'auto', '--key-file', keyFile, '--policy', policy]);
+  // The echo backend prints one verdict line per connection (sha256 of what B received).
+  const verdicts: string[] = [];
+  let buf = '';
+  if (opts.backend !== 'peer') seg.backend.stdout!.on('data', (d: Buffer) => {
+    buf += d;
+    const lines = buf.split('\n');
+    buf = lines.pop()!;
+    verdicts.push(...lines.filter((l) => l.startsWith('{')));
+    seg.backend.emit('log-lines');
+  });
+  await waitForLog(seg.shell, seg.logs.shell, /"stitching available"/);
+  return { topo, sw, seg, dir, verdicts };
+}
+
+const shellStatus = async (b: StitchBed) => (await askControl(b.seg.controlPath, { op: 'status' })) as { connections: ConnView[] };
+
+/** Polls the shell's status until `pred` holds (the condition is what we wait for, not the time). */
+async function untilStatus(b: StitchBed, pred: (cs: ConnView[]) => boolean, what: string, timeoutMs = 60_000): Promise<ConnView[]> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const { connections } = await shellStatus(b);
+    if (pred(connections)) return connections;
+    if (Date.now() > deadline) throw new Error(`shell status: ${what} not reached within ${timeoutMs} ms: ${JSON.stringify(connections.slice(0, 5))}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** `tcp-stitch stitch --all` through the CLI, in A. */
+async function stitchAll(b: StitchBed): Promise<string[]> {
+  const r = await b.topo.a.run(process.execPath, ['bin/tcp-stitch.js', 'stitch', '--all', '--control', b.seg.controlPath], { cwd: PROJECT_ROOT, timeoutMs: 60_000 });
+  const lines = r.stdout.trim().split('\n').filter(Boolean);
+  assert.equal(r.code, 0, `tcp-stitch stitch --all failed (${r.code}):\n${r.stdout}\n${r.stderr}`);
+  return lines;
+}
+
+async function switchStatus(b: StitchBed): Promise<{ stitches: unknown[]; counters: Record<string, unknown>; datapathEntries?: Record<string, number> }> {
+  return (await askControl(b.sw.controlPath, { op: 'status' })) as never;
+}
+
+/** Waits until the switch holds no stitch (each is freed once its owner acknowledged the end). */
+async function untilSwitchEmpty(b: StitchBed, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const s = await switchStatus(b);
+    if (s.stitches.length === 0 && Object.entries(s.datapathEntries ?? {}).every(([k, v]) => k === 'flows' || v === 0)) return;
+    if (Date.now() > deadline) throw new Error(`the switch still holds ${s.stitches.length} stitches / entries ${JSON.stringify(s.datapathEntries)}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+interface ClosedLine { connectionId: string; reason: string; bytesFromClient: number; bytesFromCore: number; phase: number }
+const closedLines = (b: StitchBed): ClosedLine[] =>
+  b.seg.logs.shell.filter((l) => l.includes('"connection closed"')).map((l) => JSON.parse(l) as ClosedLine);
+
+describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
+  this.timeout(300_000);
+  let bed: StitchBed | undefined;
+  let topo: Topology | undefined;
+  before(function () { requirePrivileges(this, 'stitch end-to-end tests'); });
+  afterEach(async () => {
+    await topo?.destroy();
+    if (bed) rmSync(bed.dir, { recursive: true, force: true });
+    topo = undefined; bed = undefined;
+  });
+
+  async function loadStitched(n: number, size: number, loss?: string) {
+    topo = await createTopology({ bpffs: true, differentWindowScales: true });
+    if (loss) for (const i of ['to-a', 'to-b', 'to-c']) await topo.s.runOk('tc', ['qdisc', 'add', 'dev', i, 'root', 'netem', 'loss', loss]);
+    bed = await startStitchBed(topo);
+    const b = bed;
+    const client = nodeInNs(topo.c, 'test/fixtures/load-client.ts', [b.seg.shellAddr, String(SHELL_PORT), String(n), String(size)], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const summary = waitForLine(client, /^\{/, 280_000);
+    // Both ends at full speed: every connection relaying, data moving both ways, none finished.
+    await untilStatus(b, (cs) => cs.length === n && cs.every((c) => c.state === 'relaying' && c.bytesFromClient >= 64 << 10 && c.bytesFromCore >= 64 << 10), `${n} connections past 64 KiB each way`);
+    const t0 = Date.now();
+    const lines = await stitchAll(b);
+    const stitchMs = Date.now() - t0;
+    assert.equal(lines.length, n, `one line per connection: ${lines.join('\n')}`);
+    assert.ok(lines.every((l) => / stitched$/.test(l)), lines.filter((l) => !/ stitched$/.test(l)).join('\n'));
+    // Every connection in phase 3 now; what the relay moved so far is all it may ever move.
+    const atStitched = new Map((await shellStatus(b)).connections.map((c) => [c.id, c]));
+    assert.equal(atStitched.size, n);
+    for (const c of atStitched.values()) assert.equal(c.phase, 3, `connection ${c.id} in phase 3 (${c.state})`);
+    const result = JSON.parse(await summary) as { ok: boolean; failed: unknown[]; ms: number };
+    assert.deepEqual(result.failed, [], 'C received exactly payload(seed + 1) on every connection');
+    assert.equal(result.ok, true);
+    // B: one verdict line per connection (sha256 of what it received against payload(seed)).
+    const verdicts = (await waitForLog(b.seg.backend, b.verdicts, /^\{/, n, 60_000)).map((l) => JSON.parse(l) as { seed: number; ok: boolean });
+    assert.ok(verdicts.every((v) => v.ok), `B received payload(seed) exactly on every connection: ${JSON.stringify(verdicts.filter((v) => !v.ok).slice(0, 3))}`);
+    const closed = await waitForLog(b.seg.shell, b.seg.logs.shell, /"connection closed"/, n, 60_000);
+    assert.equal(closed.length, n);
+    for (const c of closedLines(b)) {
+      const s = atStitched.get(c.connectionId)!;
+      assert.ok(s, `closed connection ${c.connectionId} was stitched`);
+      assert.equal(c.reason, 'fin', `connection ${c.connectionId} ended by FIN`);
+      assert.equal(c.phase, 3);
+      assert.deepEqual([c.bytesFromClient, c.bytesFromCore], [s.bytesFromClient, s.bytesFromCore], `the relay moved nothing for ${c.connectionId} after the drain`);
+    }
+    await untilSwitchEmpty(b);
+    const relayed = [...atStitched.values()].reduce((a, c) => a + c.bytesFromClient + c.bytesFromCore, 0);
+    return { stitchMs, relayed, total: 2 * n * size, b };
+  }
+
+  it('stitch e2e - 100 connections stitched while both ends send at full speed: exact both ways, relay flat after the drain, switch state freed', async () => {
+    const { stitchMs, relayed, total, b } = await loadStitched(100, 32 << 20);
+    const [nc, nb] = await Promise.all([b.topo.c.netstat(), b.topo.b.netstat()]);
+    console.log(`      stitch --all of 100 took ${stitchMs} ms; shell relayed ${(relayed / 2 ** 20).toFixed(0)} of ${(total / 2 ** 20).toFixed(0)} MiB; ` +
+      `RTOs C ${nc['TcpExt.TCPTimeouts'] ?? 0} B ${nb['TcpExt.TCPTimeouts'] ?? 0}; checksum errors C ${nc['Tcp.InCsumErrors'] ?? 0} B ${nb['Tcp.InCsumErrors'] ?? 0}`);
+    assert.equal(nc['Tcp.InCsumErrors'] ?? 0, 0, 'no checksum error at C');
+    assert.equal(nb['Tcp.InCsumErrors'] ?? 0, 0, 'no checksum error at B');
+    assert.equal(nc['TcpExt.PAWSEstab'] ?? 0, 0, 'no PAWS drop at C');
+    assert.equal(nb['TcpExt.PAWSEstab'] ?? 0, 0, 'no PAWS drop at B');
+  });
+
+  it('stitch e2e - 0.5% loss at S (netem on its three interfaces): 20 connections stitched under load, still exact', async () => {
+    const { b } = await loadStitched(20, 8 << 20, '0.5%');
+    const q = await b.topo.s.runOk('tc', ['-s', 'qdisc', 'show', 'dev', 'to-b']);
+    assert.match(q.stdout, /netem/, 'netem was in place');
+    console.log(`      ${/dropped (\d+)/.exec(q.stdout)?.[1] ?? '?'} packets dropped by netem on to-b`);
+  });
+});
+
+// Termination (DESIGN.md invariant 6; seed figures 4A-4E): FIN and RST from either end, in phase 2
+// (relayed by the shell) and in phase 3 (stitched), and a half-close that keeps data flowing the
+// other way. C and B are test/fixtures/peer.ts, driven step by step; every step waits on what the
+// other end reports. Each case checks both ends saw standard TCP, the shell reported the close with
+// the right reason and dropped the connection, and (phase 3) the switch freed the stitch.
+describe('stitch e2e - termination (CLI, namespaces, eBPF datapath)', function () {
+  this.timeout(120_000);
+  let topo: Topology | undefined;
+  let bed: StitchBed | undefined;
+  let c: JsonProc, b: JsonProc;
+  let seen = 0; // connections B has accepted so far
+
+  before(async function () {
+    requirePrivileges(this, 'stitch end-to-end tests');
+    topo = await createTopology({ bpffs: true, differentWindowScales: true });
+    bed = await startStitchBed(topo, { backend: 'peer' });
+    b = new JsonProc('B', bed.seg.backend);
+    c = new JsonProc('C', nodeInNs(topo.c, 'test/fixtures/peer.ts', ['connect', bed.seg.shellAddr, String(SHELL_PORT)], { stdio: ['pipe', 'pipe', 'pipe'] }));
+    await Promise.all([b.wait((o) => o.event === 'ready', 'B ready'), c.wait((o) => o.event === 'ready', 'C ready')]);
+  });
+  after(async () => {
+    c?.child.stdin?.end();
+    await topo?.destroy();
+    if (bed) rmSync(bed.dir, { recursive: true, force: true });
+  });
+
+  const cmd = (p: JsonProc, o: Record<string, unknown>) => p.line(JSON.stringify(o));
+  const next = (p: JsonProc, event: string, id: number, what = event) => {
+    const from = p.lines.length;
+    return p.wait((o) => o.event === event && o.id === id && p.lines.indexOf(o) >= from, `${p.name} ${what}`);
+  };
+  const event = (p: JsonProc, event: string, id: number) => p.wait((o) => o.event === event && o.id === id, `${p.name} ${event} on ${id}`);
+
+  /** Opens a connection C->shell->core->B and moves 256 KiB each way; phase 3: stitches it. */
+  async function open(phase: 2 | 3): Promise<{ ci: number; bi: number; connId: string }> {
+    const before = c.lines.length;
+    cmd(c, { op: 'connect' });
+    const conn = await c.wait((o) => o.event === 'connected' && c.lines.indexOf(o) >= before, 'C connected');
+    const ci = conn.id as number;
+    const bi = ++seen;
+    await event(b, 'accepted', bi);
+    const gotB = next(b, 'got', bi), gotC = next(c, 'got', ci);
+    cmd(b, { op: 'expect', id: bi, bytes: 256 << 10 }); cmd(c, { op: 'expect', id: ci, bytes: 256 << 10 });
+    cmd(c, { op: 'write', id: ci, bytes: 256 << 10, seed: 1 }); cmd(b, { op: 'write', id: bi, bytes: 256 << 10, seed: 2 });
+    await Promise.all([gotB, gotC]);
+    const { connections } = await shellStatus(bed!);
+    const mine = connections.find((x) => (x as unknown as { client: { port: number } }).client.port === conn.port);
+    assert.ok(mine, `the shell has C's connection (port ${String(conn.port)})`);
+    if (phase === 3) {
+      const r = await bed!.topo.a.run(process.execPath, ['bin/tcp-stitch.js', 'stitch', mine.id, '--control', bed!.seg.controlPath], { cwd: PROJECT_ROOT });
+      assert.equal(r.stdout.trim(), `${mine.id} stitched`, `${r.stderr}\nswitch: ${bed!.sw.logs.filter((l) => /drain slow/.test(l)).join('\n')}`);
+      const st = await shellStatus(bed!);
+      assert.equal(st.connections.find((x) => x.id === mine.id)?.phase, 3);
+    }
+    return { ci, bi, connId: mine.id };
+  }
+
+  /** The shell logged the close of connId with `reason`; phase 3: the switch freed everything. */
+  async function closedAtShell(connId: string, reason: string, phase: 2 | 3): Promise<void> {
+    const [line] = await waitForLog(bed!.seg.shell, bed!.seg.logs.shell, new RegExp(`"connection closed".*"connectionId":"${connId}"|"connectionId":"${connId}".*"connection closed"`));
+    const o = JSON.parse(line!) as ClosedLine;
+    assert.equal(o.reason, reason, `the shell's close reason for ${connId}`);
+    assert.equal(o.phase, phase, 'closed in the phase it was in');
+    const { connections } = await shellStatus(bed!);
+    assert.equal(connections.find((x) => x.id === connId), undefined, 'the shell dropped the connection');
+    if (phase === 3) await untilSwitchEmpty(bed!);
+  }
+
+  for (const phase of [2, 3] as const) {
+    it(`stitch e2e - termination, phase ${phase}: FIN from C, then FIN from B`, async () => {
+      const { ci, bi, connId } = await open(phase);
+      const bEnd = event(b, 'end', bi);
+      cmd(c, { op: 'end', id: ci });
+      assert.equal((await bEnd).bytes, 256 << 10, 'B got every byte, then the FIN');
+      const cEnd = event(c, 'end', ci);
+      cmd(b, { op: 'end', id: bi });
+      assert.equal((await cEnd).bytes, 256 << 10);
+      await Promise.all([event(c, 'close', ci), event(b, 'close', bi)]);
+      await closedAtShell(connId, 'fin', phase);
+    });
+
+    it(`stitch e2e - termination, phase ${phase}: FIN from B, then FIN from C`, async () => {
+      const { ci, bi, connId } = await open(phase);
+      const cEnd = event(c, 'end', ci);
+      cmd(b, { op: 'end', id: bi });
+      assert.equal((await cEnd).bytes, 256 << 10);
+      const bEnd = event(b, 'end', bi);
+      cmd(c, { op: 'end', id: ci });
+      assert.equal((await bEnd).bytes, 256 << 10);
+      await Promise.all([event(c, 'close', ci), event(b, 'close', bi)]);
+      await closedAtShell(connId, 'fin', phase);
+    });
+
+    it(`stitch e2e - termination, phase ${phase}: RST from C`, async () => {
+      const { ci, bi, connId } = await open(phase);
+      const bErr = event(b, 'error', bi);
+      cmd(c, { op: 'reset', id: ci });
+      assert.equal((await bErr).code, 'ECONNRESET', 'B sees the reset');
+      await closedAtShell(connId, 'client-reset', phase);
+    });
+
+    it(`stitch e2e - termination, phase ${phase}: RST from B`, async () => {
+      const { ci, bi, connId } = await open(phase);
+      const cErr = event(c, 'error', ci);
+      cmd(b, { op: 'reset', id: bi });
+      assert.equal((await cErr).code, 'ECONNRESET', 'C sees the reset');
+      await closedAtShell(connId, 'core-reset', phase);
+    });
+  }
+
+  it('stitch e2e - termination, half-close in phase 3: C finishes sending, B keeps sending 8 MiB, then finishes', async () => {
+    const { ci, bi, connId } = await open(3);
+    const bEnd = event(b, 'end', bi);
+    cmd(c, { op: 'end', id: ci });
+    await bEnd;
+    const total = (256 << 10) + (8 << 20);
+    const gotC = next(c, 'got', ci);
+    cmd(c, { op: 'expect', id: ci, bytes: total });
+    cmd(b, { op: 'write', id: bi, bytes: 8 << 20, seed: 3 });
+    const got = await gotC;
+    assert.equal(got.bytes, total, 'C kept receiving after its own FIN');
+    const { connections } = await shellStatus(bed!);
+    assert.equal(connections.find((x) => x.id === connId)?.state, 'stitched', 'half-closed, still stitched');
+    const cEnd = event(c, 'end', ci);
+    cmd(b, { op: 'end', id: bi });
+    assert.equal((await cEnd).bytes, total);
+    await closedAtShell(connId, 'fin', 3);
+  });
+});
