@@ -101,7 +101,7 @@ const UNAUTHENTICATED_RESULTS: ReadonlySet<ResultCode> = new Set<ResultCode>([
 ]);
 
 /** NOTIFYs may arrive out of order: accept each sequence once within this window below the highest. */
-const NOTIFY_WINDOW = 64n;
+const NOTIFY_WINDOW = 1024n;
 
 interface Pending {
   opcode: Opcode;

@@ -67,7 +67,7 @@ export interface AgentOptions {
   };
   /** Directory of the persisted settings. Default: the user config directory, and only when controlPath is given. */
   settingsDir?: string;
-  /** How long a stitch may stay 'draining' before the agent gives up on the handover. Default 10 000 ms. */
+  /** How long a stitch may stay 'draining' before the agent gives up on the handover. Default 60 000 ms. */
   stitchTimeoutMs?: number;
 }
 
@@ -286,7 +286,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
     if (opts.keys?.length) this.#key = opts.keys[0];
     this.#mode = opts.switch.mode;
     this.#waitMs = opts.discovery?.waitMs ?? DEFAULT_WAIT_MS;
-    this.#stitchTimeoutMs = opts.stitchTimeoutMs ?? 10_000;
+    this.#stitchTimeoutMs = opts.stitchTimeoutMs ?? 60_000;
     // Sync and up front, so a bad policy file stops the shell at start with the offending field.
     const policy = opts.policyFile !== undefined ? loadPolicyFile(opts.policyFile) : defaultPolicy();
     this.#policy = createPolicyEngine({ policy, ...(opts.policyFile !== undefined && { file: opts.policyFile }), logger: this.#log });
@@ -670,11 +670,23 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
     this.#log.info('stitch installed', { connectionId: connection.id, stitchId: r.id, state: r.state, existing: r.existing });
     if (r.state !== 'draining') return;
     await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        delete s.settled;
-        reject(new SwitchError(`the switch did not report stitch ${r.id} drained within ${this.#stitchTimeoutMs} ms`));
-      }, this.#stitchTimeoutMs);
-      s.settled = (err) => { clearTimeout(timer); delete s.settled; if (err) reject(err); else resolve(); };
+      // The NOTIFY normally ends the wait; a QUERY each second covers one that was lost, and tells a
+      // switch that is gone (three unanswered) from a drain that is slow: the drain lasts as long as
+      // the shell needs to relay its backlog (socket buffers), seconds for many loaded connections.
+      const started = Date.now();
+      let unanswered = 0;
+      const check = setInterval(() => {
+        if (Date.now() - started >= this.#stitchTimeoutMs) {
+          return s.settled?.(new SwitchError(`the switch did not report stitch ${r.id} drained within ${this.#stitchTimeoutMs} ms`));
+        }
+        client.query(r.id).then((rec) => {
+          unanswered = 0;
+          if (rec.status.state !== 'draining' && s.settled) this.#onNotify(rec.status);
+        }, (err: Error) => {
+          if (++unanswered >= 3) s.settled?.(new SwitchError(`the switch stopped answering during the handover of stitch ${r.id}: ${err.message}`));
+        });
+      }, 1000);
+      s.settled = (err) => { clearInterval(check); delete s.settled; if (err) reject(err); else resolve(); };
     });
   };
 

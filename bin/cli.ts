@@ -170,7 +170,7 @@ async function cmdStatus(v: Values): Promise<number> {
 async function cmdStitch(v: Values, positionals: string[]): Promise<number> {
   if (!v.all && positionals.length !== 1) throw new UsageError('name one connection ID, or --all');
   if (v.all && positionals.length) throw new UsageError('give either an ID or --all, not both');
-  const result = await askControl((v.control as string | undefined) ?? defaultControlPath('shell'), v.all ? { op: 'stitch', all: true } : { op: 'stitch', id: positionals[0] }, 30000) as Array<{ id: string; ok: boolean; error?: string }>;
+  const result = await askControl((v.control as string | undefined) ?? defaultControlPath('shell'), v.all ? { op: 'stitch', all: true } : { op: 'stitch', id: positionals[0] }, 120_000) as Array<{ id: string; ok: boolean; error?: string }>;
   for (const r of result) process.stdout.write(`${r.id} ${r.ok ? 'stitched' : `not stitched: ${r.error}`}\n`);
   return result.every((r) => r.ok) ? 0 : 1;
 }

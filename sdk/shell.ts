@@ -167,6 +167,7 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
     if (conn.snap.state !== from) {
       conn.reason = reason;
       const msg = { connection: conn, from, to: conn.snap.state, reason };
+      this.#log.info('connection phase', { connectionId: conn.id, from, to: msg.to, reason, bytesFromClient: conn.bytesFromClient, bytesFromCore: conn.bytesFromCore });
       this.emit('connection:phase', msg);
       publish('connectionPhase', msg);
     }

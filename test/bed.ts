@@ -78,15 +78,17 @@ export async function startSwitch(topo: Topology, args: string[]): Promise<Runni
 }
 
 /**
- * Starts backend (`echo` from test/fixtures/echo-backend.ts, `peer` from test/fixtures/peer.ts, or a
- * static HTTP server over `httpRoot`),
+ * Starts backend (`echo` from test/fixtures/echo-backend.ts, `peer` from test/fixtures/peer.ts, an
+ * iperf3 server, or a static HTTP server over `httpRoot`),
  * core on B and shell on A. Readiness is waited for on the listeners, never by sleeping.
  */
-export async function startSegmented(topo: Topology, opts: ({ backend: 'echo' | 'peer' } | { backend: 'http'; httpRoot: string }) & { coreArgs?: string[] }, shellArgs: string[] = ['--switch', 'off']): Promise<Segmented> {
+export async function startSegmented(topo: Topology, opts: ({ backend: 'echo' | 'peer' | 'iperf3' } | { backend: 'http'; httpRoot: string }) & { coreArgs?: string[] }, shellArgs: string[] = ['--switch', 'off']): Promise<Segmented> {
   const { a, b } = topo;
   const backend = opts.backend === 'http'
     ? b.spawn('python3', ['-m', 'http.server', String(BACKEND_PORT), '--bind', '127.0.0.1', '--directory', opts.httpRoot], { stdio: ['ignore', 'pipe', 'pipe'] })
-    : opts.backend === 'echo'
+    : opts.backend === 'iperf3'
+      ? b.spawn('iperf3', ['-s', '-p', String(BACKEND_PORT), '-B', '127.0.0.1'], { stdio: ['ignore', 'pipe', 'pipe'] })
+      : opts.backend === 'echo'
       ? nodeInNs(b, 'test/fixtures/echo-backend.ts', ['127.0.0.1', String(BACKEND_PORT)], { stdio: ['ignore', 'pipe', 'pipe'] })
       : nodeInNs(b, 'test/fixtures/peer.ts', ['listen', '127.0.0.1', String(BACKEND_PORT)], { stdio: ['pipe', 'pipe', 'pipe'] });
   const logs = { shell: [] as string[], core: [] as string[] };

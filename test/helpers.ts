@@ -1,7 +1,7 @@
 // Small test helpers shared by the in-process tests: event waits (never sleeps) and handle counting.
 import { once } from 'node:events';
 import net from 'node:net';
-import { createHash } from 'node:crypto';
+import { createCipheriv, createHash } from 'node:crypto';
 import { Writable } from 'node:stream';
 import winston from 'winston';
 
@@ -32,15 +32,41 @@ export function drain(s: net.Socket): Promise<{ sha: string; bytes: number }> {
   });
 }
 
-/** Deterministic pseudo-random payload of `n` bytes (xorshift32), so both ends can compute its sha. */
+/**
+ * Deterministic pseudo-random payload of `n` bytes (AES-128-CTR keystream keyed by the seed), so
+ * both ends can compute its sha. payloadChunk() gives any 16-byte-aligned piece of it, so load tests
+ * can stream gigabytes without holding them (fresh memory is slow to touch on these VMs, and a test
+ * end busy allocating does not read its sockets).
+ */
 export function payload(n: number, seed = 1): Buffer {
-  const b = Buffer.alloc(n + 3);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < n; i += 4) {
-    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
-    b.writeUInt32LE(x, i);
+  return payloadChunk(seed, 0, n);
+}
+
+export function payloadChunk(seed: number, offset: number, n: number): Buffer {
+  if (offset % 16) throw new Error('payloadChunk: offset must be a multiple of 16');
+  const key = Buffer.alloc(16);
+  key.writeUInt32LE(seed >>> 0, 0);
+  const iv = Buffer.alloc(16);
+  iv.writeUInt32BE(Math.floor(offset / 16 / 2 ** 32), 8);
+  iv.writeUInt32BE((offset / 16) >>> 0, 12);
+  return createCipheriv('aes-128-ctr', key, iv).update(Buffer.alloc(n));
+}
+
+const CHUNK = 1 << 16;
+
+/** Streams payload(n, seed) into `s` with backpressure, then ends it unless keepOpen. */
+export async function sendPayload(s: net.Socket, n: number, seed: number, keepOpen = false): Promise<void> {
+  for (let off = 0; off < n; off += CHUNK) {
+    if (!s.write(payloadChunk(seed, off, Math.min(CHUNK, n - off)))) await once(s, 'drain');
   }
-  return b.subarray(0, n);
+  if (!keepOpen) s.end();
+}
+
+/** sha256 of payload(n, seed), computed piecewise. */
+export function payloadSha(n: number, seed: number): string {
+  const h = createHash('sha256');
+  for (let off = 0; off < n; off += CHUNK) h.update(payloadChunk(seed, off, Math.min(CHUNK, n - off)));
+  return h.digest('hex');
 }
 
 export const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
