@@ -600,7 +600,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
     if (this.#discovery.available && `${this.#discovery.address}:${this.#discovery.port}` === where) {
       this.#discovery = { ...this.#discovery, bootId };
     }
-    this.#log.warn('switch restarted: it lost its stitches; re-installing ours', {
+    this.#log.warn('switch restarted: claiming our stitches again (a switch that kept its datapath adopted them; one that did not refuses them as UNTRACKED_LEG)', {
       switch: where, previousBootId: known.bootId, bootId, stitches: this.#installed.size,
     });
     const msg: SwitchRestartMessage = { address: where, previousBootId: known.bootId, bootId };

@@ -14,18 +14,19 @@ import { JsonProc, SHELL_PORT, startSegmented, startSwitch, waitForLine, waitFor
 interface ConnView { id: string; phase: number; state: string; bytesFromClient: number; bytesFromCore: number }
 
 /** The running pieces of one stitched bed. */
-interface StitchBed { topo: Topology; sw: RunningSwitchProcess; seg: Segmented; dir: string; verdicts: string[] }
+interface StitchBed { topo: Topology; sw: RunningSwitchProcess; seg: Segmented; dir: string; verdicts: string[]; switchArgs: string[] }
 
 /** Manual mode: nothing is stitched until `tcp-stitch stitch` says so. */
 const MANUAL = { version: 1, mode: 'manual', rules: [] };
 
-async function startStitchBed(topo: Topology, opts: { backend?: 'echo' | 'peer' | 'iperf3'; policy?: object } = {}): Promise<StitchBed> {
+async function startStitchBed(topo: Topology, opts: { backend?: 'echo' | 'peer' | 'iperf3'; policy?: object; switchArgs?: string[] } = {}): Promise<StitchBed> {
   const dir = mkdtempSync(join(tmpdir(), 'tcp-stitch-e2e-'));
   const keyFile = join(dir, 'key');
   writeFileSync(keyFile, formatKeyFile([generateKey()]), { mode: 0o600 });
   const policy = join(dir, 'policy.json');
   writeFileSync(policy, JSON.stringify(opts.policy ?? MANUAL));
-  const sw = await startSwitch(topo, ['--key-file', keyFile]);
+  const switchArgs = ['--key-file', keyFile, ...(opts.switchArgs ?? []).map((a) => a === '$BPFFS' ? topo.bpffs! : a)];
+  const sw = await startSwitch(topo, switchArgs);
   const seg = await startSegmented(topo, { backend: opts.backend ?? 'echo', coreArgs: ['--key-file', keyFile] },
     ['--switch', 'auto', '--key-file', keyFile, '--policy', policy]);
   // The echo backend prints one verdict line per connection (sha256 of what B received).
@@ -39,7 +40,7 @@ async function startStitchBed(topo: Topology, opts: { backend?: 'echo' | 'peer' 
     seg.backend.emit('log-lines');
   });
   await waitForLog(seg.shell, seg.logs.shell, /"stitching available"/);
-  return { topo, sw, seg, dir, verdicts };
+  return { topo, sw, seg, dir, verdicts, switchArgs };
 }
 
 const shellStatus = async (b: StitchBed) => (await askControl(b.seg.controlPath, { op: 'status' })) as { connections: ConnView[] };
@@ -348,5 +349,92 @@ describe('stitch e2e - termination (CLI, namespaces, eBPF datapath)', function (
     cmd(b, { op: 'end', id: bi });
     assert.equal((await cEnd).bytes, total);
     await closedAtShell(connId, 'fin', 3);
+  });
+});
+
+// Survival (DESIGN.md invariants 3 and 4): a stitched connection outlives the shell process, and a
+// restart of the switch daemon that keeps its datapath (--bpffs): the agent claims its stitches again.
+describe('stitch e2e - survival (CLI, namespaces, eBPF datapath)', function () {
+  this.timeout(120_000);
+  let topo: Topology | undefined;
+  let bed: StitchBed | undefined;
+  before(function () { requirePrivileges(this, 'stitch end-to-end tests'); });
+  afterEach(async () => {
+    await topo?.destroy();
+    if (bed) rmSync(bed.dir, { recursive: true, force: true });
+    topo = undefined; bed = undefined;
+  });
+
+  /** A stitched connection between peer.ts ends in C and B; returns the drivers and ids. */
+  async function stitchedPeers(switchArgs: string[] = []) {
+    topo = await createTopology({ bpffs: true, differentWindowScales: true });
+    bed = await startStitchBed(topo, { backend: 'peer', switchArgs });
+    const b = new JsonProc('B', bed.seg.backend);
+    const c = new JsonProc('C', nodeInNs(topo.c, 'test/fixtures/peer.ts', ['connect', bed.seg.shellAddr, String(SHELL_PORT)], { stdio: ['pipe', 'pipe', 'pipe'] }));
+    await Promise.all([b.wait((o) => o.event === 'ready', 'B ready'), c.wait((o) => o.event === 'ready', 'C ready')]);
+    c.line(JSON.stringify({ op: 'connect' }));
+    await c.wait((o) => o.event === 'connected', 'C connected');
+    await b.wait((o) => o.event === 'accepted', 'B accepted');
+    await exchange(c, b, 1 << 20, 1 << 20, 1);
+    const lines = await stitchAll(bed);
+    assert.equal(lines.length, 1, lines.join('\n'));
+    return { c, b, bed };
+  }
+
+  /** Each end sends `bytes` more; resolves once each has received `total` bytes in all. */
+  async function exchange(c: JsonProc, b: JsonProc, bytes: number, total: number, round: number) {
+    const from = [c.lines.length, b.lines.length];
+    const got = Promise.all([
+      c.wait((o) => o.event === 'got' && c.lines.indexOf(o) >= from[0]!, `C has ${total} bytes`),
+      b.wait((o) => o.event === 'got' && b.lines.indexOf(o) >= from[1]!, `B has ${total} bytes`),
+    ]);
+    for (const p of [c, b]) p.line(JSON.stringify({ op: 'expect', id: 1, bytes: total }));
+    c.line(JSON.stringify({ op: 'write', id: 1, bytes, seed: 10 + round }));
+    b.line(JSON.stringify({ op: 'write', id: 1, bytes, seed: 20 + round }));
+    const [gc, gb] = await got;
+    assert.equal(gc.bytes, total); assert.equal(gb.bytes, total);
+  }
+
+  /** Both ends finish; each saw every byte, then the FIN, and no error. */
+  async function finish(c: JsonProc, b: JsonProc, total: number) {
+    const ends = Promise.all([c.wait((o) => o.event === 'end', 'C end'), b.wait((o) => o.event === 'end', 'B end')]);
+    c.line(JSON.stringify({ op: 'end', id: 1 })); b.line(JSON.stringify({ op: 'end', id: 1 }));
+    const [ec, eb] = await ends;
+    assert.equal(ec.bytes, total); assert.equal(eb.bytes, total);
+    assert.equal(c.lines.find((o) => o.event === 'error'), undefined, 'C saw no error');
+    assert.equal(b.lines.find((o) => o.event === 'error'), undefined, 'B saw no error');
+  }
+
+  it('stitch e2e - survival: the shell process is killed (SIGKILL) after the stitch; the connection keeps working and ends cleanly', async () => {
+    const { c, b, bed } = await stitchedPeers();
+    const shell = bed.seg.shell;
+    const dead = new Promise((r) => shell.once('exit', r));
+    process.kill(shell.pid!, 'SIGKILL');
+    await dead;
+    // Its kernel closed the shell's sockets (FIN or RST): the switch dropped them.
+    await exchange(c, b, 4 << 20, 5 << 20, 2);
+    await finish(c, b, 5 << 20);
+    // Nobody acknowledges the final NOTIFY: the switch frees the stitch when it expires.
+    await untilSwitchEmpty(bed, 30_000);
+  });
+
+  it('stitch e2e - survival: the switch daemon restarts (--bpffs keeps its datapath); bytes flow meanwhile, the agent claims the stitch, the end is seen', async () => {
+    const { c, b, bed } = await stitchedPeers(['--bpffs', '$BPFFS']);
+    const old = bed.sw.child;
+    const stopped = new Promise((r) => old.once('exit', r));
+    process.kill(old.pid!, 'SIGTERM');
+    await stopped;
+    assert.ok(bed.sw.logs.some((l) => /stays up/.test(l)), `the daemon left the fast path up:\n${bed.sw.logs.slice(-5).join('\n')}`);
+    await exchange(c, b, 2 << 20, 3 << 20, 2); // no daemon at all: the program still translates
+    bed.sw = await startSwitch(bed.topo, bed.switchArgs);
+    const claimed = waitForLog(bed.seg.shell, bed.seg.logs.shell, /stitch re-installed after the switch restart/);
+    await askControl(bed.seg.controlPath, { op: 'discover' }); // the agent sees the new boot id
+    await claimed;
+    await exchange(c, b, 2 << 20, 5 << 20, 3);
+    await finish(c, b, 5 << 20);
+    await waitForLog(bed.seg.shell, bed.seg.logs.shell, /"connection closed"/);
+    const closed = closedLines(bed);
+    assert.deepEqual([closed[0]!.reason, closed[0]!.phase], ['fin', 3], 'the new daemon told the agent of the end');
+    await untilSwitchEmpty(bed);
   });
 });
