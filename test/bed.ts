@@ -82,7 +82,7 @@ export async function startSwitch(topo: Topology, args: string[]): Promise<Runni
  * iperf3 server, or a static HTTP server over `httpRoot`),
  * core on B and shell on A. Readiness is waited for on the listeners, never by sleeping.
  */
-export async function startSegmented(topo: Topology, opts: ({ backend: 'echo' | 'peer' | 'iperf3' } | { backend: 'http'; httpRoot: string }) & { coreArgs?: string[] }, shellArgs: string[] = ['--switch', 'off']): Promise<Segmented> {
+export async function startSegmented(topo: Topology, opts: ({ backend: 'echo' | 'peer' | 'iperf3' } | { backend: 'http'; httpRoot: string }) & { coreArgs?: string[]; shellScript?: string }, shellArgs: string[] = ['--switch', 'off']): Promise<Segmented> {
   const { a, b } = topo;
   const backend = opts.backend === 'http'
     ? b.spawn('python3', ['-m', 'http.server', String(BACKEND_PORT), '--bind', '127.0.0.1', '--directory', opts.httpRoot], { stdio: ['ignore', 'pipe', 'pipe'] })
@@ -95,7 +95,10 @@ export async function startSegmented(topo: Topology, opts: ({ backend: 'echo' | 
   const core = nodeInNs(b, 'bin/tcp-stitch.js', ['core', '--listen', `${b.addr}:${CORE_PORT}`, '--forward', `127.0.0.1:${BACKEND_PORT}`, ...(opts.coreArgs ?? [])], { stdio: ['ignore', 'pipe', 'pipe'] });
   collect(core, logs.core);
   const controlPath = `/run/${topo.id}-shell.sock`;
-  const shell = nodeInNs(a, 'bin/tcp-stitch.js', ['shell', '--listen', `${a.addr}:${SHELL_PORT}`, '--core', `${b.addr}:${CORE_PORT}`, '--control', controlPath, ...shellArgs], { stdio: ['ignore', 'pipe', 'pipe'] });
+  // shellScript: a runtime of its own instead of `tcp-stitch shell` (same --listen/--core, plus shellArgs).
+  const shell = opts.shellScript
+    ? nodeInNs(a, opts.shellScript, ['--listen', `${a.addr}:${SHELL_PORT}`, '--core', `${b.addr}:${CORE_PORT}`, ...shellArgs], { stdio: ['ignore', 'pipe', 'pipe'] })
+    : nodeInNs(a, 'bin/tcp-stitch.js', ['shell', '--listen', `${a.addr}:${SHELL_PORT}`, '--core', `${b.addr}:${CORE_PORT}`, '--control', controlPath, ...shellArgs], { stdio: ['ignore', 'pipe', 'pipe'] });
   collect(shell, logs.shell);
   await Promise.all([b.waitForListen(BACKEND_PORT), b.waitForListen(CORE_PORT), a.waitForListen(SHELL_PORT)]);
   return { shell, core, backend, controlPath, shellAddr: a.addr, logs };

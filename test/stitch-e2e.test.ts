@@ -182,6 +182,31 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
     assert.ok((nc['Tcp.RetransSegs'] ?? 0) > 0 && (nb['Tcp.RetransSegs'] ?? 0) > 0, 'the loss made both ends retransmit');
   });
 
+  it('stitch e2e - examples/manual-stitch.ts: the runtime stitches each connection after its first 64 KiB; exact, relay flat after', async () => {
+    topo = await createTopology({ bpffs: true, differentWindowScales: true });
+    const dir = mkdtempSync(join(tmpdir(), 'tcp-stitch-e2e-'));
+    const keyFile = join(dir, 'key');
+    writeFileSync(keyFile, formatKeyFile([generateKey()]), { mode: 0o600 });
+    const sw = await startSwitch(topo, ['--key-file', keyFile]);
+    const seg = await startSegmented(topo, { backend: 'echo', coreArgs: ['--key-file', keyFile], shellScript: 'examples/manual-stitch.ts' }, ['--key-file', keyFile]);
+    bed = { topo, sw, seg, dir, verdicts: [], switchArgs: [] };
+    const runtime = new JsonProc('example', seg.shell);
+    const ready = await runtime.wait((o) => o.event === 'ready', 'example ready');
+    assert.deepEqual(ready.stitching, { available: true }, 'the example found the switch');
+    const client = nodeInNs(topo.c, 'test/fixtures/load-client.ts', [seg.shellAddr, String(SHELL_PORT), '4', String(16 << 20)], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const result = JSON.parse(await waitForLine(client, /^\{/, 120_000)) as { failed: unknown[] };
+    assert.deepEqual(result.failed, [], 'C received exactly what B sent, on every connection');
+    const closed = await Promise.all([0, 1, 2, 3].map((i) => runtime.wait((o) => o.event === 'closed' && runtime.lines.filter((x) => x.event === 'closed').indexOf(o) === i, `close ${i}`)));
+    for (const c of closed) {
+      const stitched = runtime.lines.find((o) => o.event === 'phase' && o.to === 'stitched' && o.id === c.id);
+      assert.ok(stitched, `connection ${String(c.id)} was stitched: ${JSON.stringify(runtime.lines.filter((o) => o.id === c.id))}`);
+      assert.ok((stitched.bytesFromClient as number) >= 64 << 10, 'after the runtime\'s threshold');
+      assert.deepEqual([c.bytesFromClient, c.bytesFromCore], [stitched.bytesFromClient, stitched.bytesFromCore], 'the relay moved nothing after the stitch');
+      assert.equal(c.reason, 'fin');
+    }
+    await untilSwitchEmpty(bed);
+  });
+
   it('stitch e2e - iperf3 through the shell, stitched mid-run: completes on the stitched path (its rate against routed is in the bench)', async () => {
     topo = await createTopology({ bpffs: true, differentWindowScales: true });
     bed = await startStitchBed(topo, { backend: 'iperf3' });

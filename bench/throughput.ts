@@ -1,0 +1,137 @@
+// Throughput, C->B and B->C (iperf3, -R for B->C), four modes interleaved round by round so that
+// drift hits them alike:
+//   routed       C -> S -> B's iperf3, no shell
+//   shell relay  C -> shell (phase 2, never stitched) -> core -> iperf3 on B's loopback
+//   stitched     the same path, stitched with `tcp-stitch stitch --all` as soon as iperf3's control
+//                and data connections are relaying; only the 1-s intervals that start >= 1 s after
+//                the stitch returned are counted
+//   haproxy      C -> HAProxy (TCP mode) on A -> B's iperf3
+// Around the shell runs it reads the shell's CPU (utime + stime): the whole run for phase 2, only the
+// counted intervals for phase 3. For stitched runs it also reads the core's CPU over the same window.
+import { PORTS, cpuBetween, cpuSeconds, cpuTrace, say, stitchAllCli, untilStatus, type Bed } from './bed.ts';
+
+export type Mode = 'routed' | 'shell relay' | 'stitched' | 'haproxy';
+export const MODES: Mode[] = ['routed', 'shell relay', 'stitched', 'haproxy'];
+
+export interface Run {
+  mode: Mode; round: number; reverse: boolean;
+  /** Mean rate (stitched: over the counted intervals only). */
+  gbps: number;
+  /** Sender retransmissions over the whole run (as iperf3 reports them). */
+  retransmits: number;
+  /** Bytes received over the whole run. */
+  bytes: number;
+  /** Shell runs: shell CPU seconds and bytes for the measured part (whole run / counted intervals). */
+  shellCpu?: number; shellBytes?: number;
+  /** Stitched runs. */
+  stitch?: {
+    /** When `tcp-stitch stitch --all` returned, seconds after iperf3 was launched; how long it took. */
+    returnedAtS: number; cliMs: number; lines: string[];
+    /** The 1-s intervals counted, and the rates of those before the stitch (for context). */
+    counted: Array<{ start: number; end: number; gbps: number; bytes: number }>;
+    beforeGbps: number[];
+    /** Core CPU seconds per wall second over the counted intervals (its relay to the backend). */
+    coreCpuPerS: number;
+    /** Shell CPU seconds per wall second over the counted intervals. */
+    shellCpuPerS: number;
+  };
+  error?: string;
+}
+
+interface IperfJson {
+  intervals: Array<{ sum: { start: number; end: number; bytes: number; bits_per_second: number } }>;
+  end: { sum_received: { bits_per_second: number; bytes: number }; sum_sent: { retransmits?: number } };
+  error?: string;
+}
+
+async function iperf(bed: Bed, host: string, port: number, seconds: number, reverse: boolean): Promise<IperfJson> {
+  const r = await bed.topo.c.run('iperf3', ['-c', host, '-p', String(port), '-t', String(seconds), '-i', '1', '-J', ...(reverse ? ['-R'] : [])], { timeoutMs: (seconds + 40) * 1000 });
+  let j: IperfJson;
+  try { j = JSON.parse(r.stdout) as IperfJson; } catch { throw new Error(`iperf3 to ${host}:${port} gave no JSON (exit ${r.code}): ${r.stderr.trim().slice(0, 300)}`); }
+  if (j.error || r.code !== 0) throw new Error(`iperf3 to ${host}:${port}: ${j.error ?? `exit ${r.code}`}`);
+  return j;
+}
+
+const summary = (j: IperfJson) => ({
+  gbps: j.end.sum_received.bits_per_second / 1e9, retransmits: j.end.sum_sent.retransmits ?? 0, bytes: j.end.sum_received.bytes,
+});
+
+/** Waits until the iperf shell has no connection left (the previous run's closed). */
+const idle = (bed: Bed) => untilStatus(bed.pairs.iperf, (cs) => cs.length === 0, 'no connection left from the previous run', 30_000, 50);
+
+async function plain(bed: Bed, mode: Mode, seconds: number, reverse: boolean): Promise<Omit<Run, 'mode' | 'round' | 'reverse'>> {
+  const { a, b } = bed.topo;
+  if (mode === 'routed') return summary(await iperf(bed, b.addr, PORTS.routedIperf, seconds, reverse));
+  if (mode === 'haproxy') return summary(await iperf(bed, a.addr, PORTS.haproxy, seconds, reverse));
+  await idle(bed);
+  const pid = bed.pairs.iperf.shell.pid!;
+  const cpu0 = cpuSeconds(pid);
+  const s = summary(await iperf(bed, a.addr, PORTS.shell.iperf, seconds, reverse));
+  return { ...s, shellCpu: cpuSeconds(pid) - cpu0, shellBytes: s.bytes };
+}
+
+async function stitched(bed: Bed, seconds: number, reverse: boolean): Promise<Omit<Run, 'mode' | 'round' | 'reverse'>> {
+  const p = bed.pairs.iperf;
+  await idle(bed);
+  const shellTrace = cpuTrace(p.shell.pid!), coreTrace = cpuTrace(p.core.pid!);
+  try {
+    const launched = performance.now();
+    // Stitching takes about a second; run long enough to leave `seconds` of counted intervals.
+    const running = iperf(bed, bed.topo.a.addr, PORTS.shell.iperf, seconds + 3, reverse);
+    running.catch(() => undefined);
+    // iperf3's clock starts when its data connection is up: the first status that shows it.
+    let dataAt = 0;
+    await untilStatus(p, (cs) => {
+      if (cs.length === 2 && !dataAt) dataAt = performance.now();
+      return cs.length === 2 && cs.every((c) => c.state === 'relaying') && cs.some((c) => (reverse ? c.bytesFromCore : c.bytesFromClient) > 1 << 20);
+    }, 'iperf3 control and data connections relaying', 20_000);
+    const st = await stitchAllCli(bed.topo, p);
+    const returned = performance.now();
+    const j = await running;
+    const shellSamples = shellTrace.stop(), coreSamples = coreTrace.stop();
+    if (!st.ok) return { ...summary(j), gbps: NaN, error: `stitch --all failed: ${st.lines.join(' | ')}` };
+    const returnedAtS = (returned - launched) / 1000; // on iperf3's clock this is conservative: its clock starts later
+    const counted = j.intervals.filter((i) => i.sum.start >= returnedAtS + 1 && i.sum.end - i.sum.start > 0.5)
+      .map((i) => ({ start: i.sum.start, end: i.sum.end, gbps: i.sum.bits_per_second / 1e9, bytes: i.sum.bytes }));
+    const stitchStartS = (returned - st.ms - dataAt) / 1000; // on iperf3's clock, roughly
+    const beforeGbps = j.intervals.filter((i) => i.sum.end <= stitchStartS).map((i) => i.sum.bits_per_second / 1e9);
+    if (counted.length === 0) return { ...summary(j), gbps: NaN, error: `no 1-s interval starts >= 1 s after the stitch (returned at ${returnedAtS.toFixed(2)} s)` };
+    const secs = counted.reduce((s, i) => s + (i.end - i.start), 0);
+    const bytes = counted.reduce((s, i) => s + i.bytes, 0);
+    // The counted intervals on the wall clock: iperf3's 0 is about when its data connection appeared.
+    const from = dataAt + counted[0]!.start * 1000, to = dataAt + counted.at(-1)!.end * 1000;
+    const shellCpu = cpuBetween(shellSamples, from, to), coreCpu = cpuBetween(coreSamples, from, to);
+    const wall = (to - from) / 1000;
+    // Nothing may be left on the shell: the stitched connections end there when the switch sees the FINs.
+    await idle(bed).catch((e: Error) => say(`  warning: ${e.message}`));
+    return {
+      ...summary(j), gbps: (bytes * 8) / secs / 1e9, shellCpu, shellBytes: bytes,
+      stitch: { returnedAtS, cliMs: st.ms, lines: st.lines, counted, beforeGbps, coreCpuPerS: coreCpu / wall, shellCpuPerS: shellCpu / wall },
+    };
+  } finally {
+    shellTrace.stop(); coreTrace.stop();
+  }
+}
+
+export async function measureThroughput(bed: Bed, rounds: number, seconds: number): Promise<Run[]> {
+  const runs: Run[] = [];
+  for (let round = 0; round < rounds; round++) {
+    for (const mode of MODES) {
+      for (const reverse of [false, true]) {
+        let r: Run;
+        try {
+          const m = mode === 'stitched' ? await stitched(bed, seconds, reverse) : await plain(bed, mode, seconds, reverse);
+          r = { mode, round, reverse, ...m };
+        } catch (e) {
+          r = { mode, round, reverse, gbps: NaN, retransmits: 0, bytes: 0, error: (e as Error).message };
+          // A run that failed mid-way may leave iperf3 connections on the shell; let them go.
+          if (mode === 'stitched' || mode === 'shell relay') await idle(bed).catch(() => undefined);
+        }
+        runs.push(r);
+        const extra = r.stitch ? ` (stitched at ${r.stitch.returnedAtS.toFixed(2)} s, ${r.stitch.counted.length} intervals; core ${r.stitch.coreCpuPerS.toFixed(2)} CPU, shell ${r.stitch.shellCpuPerS.toFixed(3)} CPU)` : '';
+        say(`round ${round + 1}/${rounds} ${mode.padEnd(11)} ${reverse ? 'B->C' : 'C->B'} ${r.error ? `FAILED: ${r.error}` : `${r.gbps.toFixed(2)} Gbit/s, ${r.retransmits} retransmits${extra}`}`);
+      }
+    }
+  }
+  return runs;
+}
