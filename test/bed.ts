@@ -110,8 +110,11 @@ export class JsonProc {
   private waiters: Array<{ pred: (o: Record<string, unknown>) => boolean; resolve: (o: Record<string, unknown>) => void }> = [];
   private stderr = '';
   private seq = 0;
+  /** Resolves once the child exited and its output is all read. */
+  readonly exited: Promise<number | null>;
   constructor(readonly name: string, readonly child: ChildProcess) {
     let buf = '';
+    this.exited = new Promise((resolve) => child.once('close', (code) => resolve(code)));
     child.stdout!.on('data', (d: Buffer) => {
       buf += d;
       const parts = buf.split('\n');

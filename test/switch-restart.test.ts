@@ -9,7 +9,6 @@
 // In process (no privileges): the control server takes adopted stitches into its table, unclaimed,
 // and the owner claims them with a STITCH of the same legs.
 import assert from 'node:assert/strict';
-import type { ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import winston from 'winston';
@@ -22,6 +21,7 @@ import type { AdoptedStitch } from '../switch/stitch-types.ts';
 import { ALL_TRANSLATIONS, createTableDatapath, type TableDatapath } from '../switch/table-datapath.ts';
 import { payload } from './helpers.ts';
 import { createTopology, nodeInNs, requirePrivileges, type Host, type Topology } from './hosts.ts';
+import { JsonProc } from './bed.ts';
 
 const GREETING = 'HELLO FROM THE SHELL\n';
 const PREAMBLE = 'TCPSTITCH-PREAMBLE v1 0123456789\n';
@@ -31,67 +31,17 @@ const CHUNK = 8 << 20;
 const TOTAL = FIRST + 3 * CHUNK;
 const S_IFACES = ['to-a', 'to-b', 'to-c'];
 
-/** A child speaking JSON lines on stdout; requests on stdin. */
-class Proc {
-  readonly lines: Array<Record<string, unknown>> = [];
-  private waiters: Array<{ pred: (o: Record<string, unknown>) => boolean; resolve: (o: Record<string, unknown>) => void }> = [];
-  private stderr = '';
-  private seq = 0;
-  /** Resolves once the child exited and its output is all read. */
-  readonly exited: Promise<number | null>;
-  constructor(readonly name: string, readonly child: ChildProcess) {
-    let buf = '';
-    this.exited = new Promise((resolve) => child.once('close', (code) => resolve(code)));
-    child.stdout!.on('data', (d: Buffer) => {
-      buf += d;
-      const parts = buf.split('\n');
-      buf = parts.pop()!;
-      for (const l of parts) {
-        if (!l.startsWith('{')) continue;
-        const o = JSON.parse(l) as Record<string, unknown>;
-        this.lines.push(o);
-        for (const w of this.waiters.filter((x) => x.pred(o))) {
-          this.waiters.splice(this.waiters.indexOf(w), 1);
-          w.resolve(o);
-        }
-      }
-    });
-    child.stderr!.on('data', (d: Buffer) => { this.stderr += d; if (this.stderr.length > 200_000) this.stderr = this.stderr.slice(-100_000); });
-  }
-  logs(): string { return this.stderr; }
-  /** The first line (already seen or to come) matching pred. */
-  wait(pred: (o: Record<string, unknown>) => boolean, what: string, timeoutMs = 30_000): Promise<Record<string, unknown>> {
-    const seen = this.lines.find(pred);
-    if (seen) return Promise.resolve(seen);
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`${this.name}: no ${what} within ${timeoutMs} ms; stderr: ${this.stderr.slice(-3000)}`)), timeoutMs);
-      const onExit = (code: number | null) => { clearTimeout(timer); reject(new Error(`${this.name} exited (${code}) before ${what}; stderr: ${this.stderr.slice(-3000)}`)); };
-      this.child.once('exit', onExit);
-      this.waiters.push({ pred, resolve: (o) => { clearTimeout(timer); this.child.off('exit', onExit); resolve(o); } });
-    });
-  }
-  line(s: string): void { this.child.stdin!.write(s + '\n'); }
-  async request(req: Record<string, unknown>): Promise<Record<string, unknown>> {
-    const seq = ++this.seq;
-    const p = this.wait((o) => o.seq === seq, `answer to ${String(req.op)}`);
-    this.child.stdin!.write(JSON.stringify({ ...req, seq }, (_k, v) => (typeof v === 'bigint' ? v.toString() : v)) + '\n');
-    const r = await p;
-    if (r.ok !== true) throw new Error(`${this.name}: ${String(req.op)} failed: ${JSON.stringify(r)}`);
-    return r;
-  }
-}
-
 const spawnNode = (host: Host, name: string, script: string, args: string[]) =>
-  new Proc(name, nodeInNs(host, script, args, { stdio: ['pipe', 'pipe', 'pipe'] }));
+  new JsonProc(name, nodeInNs(host, script, args, { stdio: ['pipe', 'pipe', 'pipe'] }));
 
 const sha = (...b: Buffer[]) => { const h = createHash('sha256'); for (const x of b) h.update(x); return h.digest('hex'); };
 
-function startDriver(topo: Topology, name: string): Proc {
+function startDriver(topo: Topology, name: string): JsonProc {
   return spawnNode(topo.s, name, 'test/fixtures/bpf/stitch-driver.ts', [JSON.stringify({ shellIface: 'to-a', bpffs: topo.bpffs })]);
 }
 
 /** Both senders write `n` more bytes; resolves once each end has received `upTo` bytes of the other's stream. */
-async function step(client: Proc, server: Proc, n: number, upTo: number, what: string): Promise<void> {
+async function step(client: JsonProc, server: JsonProc, n: number, upTo: number, what: string): Promise<void> {
   const atC = client.wait((o) => o.event === 'at' && o.n === GREETING.length + upTo, `C at ${upTo} (${what})`);
   const atB = server.wait((o) => o.event === 'at' && o.n === PREAMBLE.length + upTo, `B at ${upTo} (${what})`);
   client.line(`until ${GREETING.length + upTo}`);
@@ -101,7 +51,7 @@ async function step(client: Proc, server: Proc, n: number, upTo: number, what: s
   await Promise.all([atC, atB]);
 }
 
-async function relayCounters(relay: Proc): Promise<Record<string, number>> {
+async function relayCounters(relay: JsonProc): Promise<Record<string, number>> {
   const n = relay.lines.length;
   const p = relay.wait((o) => o.counters !== undefined && relay.lines.indexOf(o) >= n, 'counters');
   relay.line('counters');
