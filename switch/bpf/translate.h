@@ -130,9 +130,14 @@ static __always_inline void drain_check(const struct stitch_cfg *sc, struct stit
 	for (int s = 0; s < 2; s++) {
 		const struct stitch_state_side *ss = &st->side[s], *so = &st->side[s ^ 1];
 		__u32 d = sc->side[s].seq_delta;
+		/* Edges are ack + (win << scale): the shell's in its units toward far s, the other far
+		 * end's in its own. Short by less than the coarser unit is rounding, and a far end that
+		 * receives nothing (one-way bulk) never moves its edge to close it. */
+		__u32 ws = sc->side[s].ws_shell & 15, wo = sc->side[s ^ 1].ws_far & 15;
+		__u32 slack = 1u << (ws > wo ? ws : wo);
 
 		if (seq_before(so->ack_far - d, ss->handed) ||
-		    seq_before(so->edge_far - d, ss->boundary))
+		    seq_before(so->edge_far - d + slack, ss->boundary))
 			ok = 0;
 	}
 	t = READ_ONCE64(st->drain_ok_ns);
