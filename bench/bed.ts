@@ -1,7 +1,8 @@
 // The bench's bed: one topology (window scales 10 vs 7, bpffs, S's checksum offload off) with
 // everything every figure needs, started once through the real CLI:
 //   S  `tcp-stitch switch` (eBPF datapath pinned in the topology's bpffs, so the bench can read its maps)
-//   B  iperf3 on B's address (routed, HAProxy) and on 127.0.0.1 (the core's backend), the RTT echo
+//   B  iperf3 on B's address (routed, HAProxy) and on 127.0.0.1 (the core's backend), a plain
+//      forwarder to the latter with the core's relay code (test/fixtures/forward.ts), the RTT echo
 //      server, the load echo backend, and one `tcp-stitch core --key-file` per backend
 //   A  one `tcp-stitch shell --switch auto --key-file --policy manual` per core (nothing is stitched
 //      until the bench says so: without a stitch each is the phase-2 relay), HAProxy in TCP mode
@@ -15,7 +16,7 @@ import { startSwitch, waitForLog, type RunningSwitchProcess } from '../test/bed.
 import { createTopology, nodeInNs, PROJECT_ROOT, type Host, type Topology } from '../test/hosts.ts';
 
 export const PORTS = {
-  routedIperf: 5201, backendIperf: 5202, rtt: 7000, echo: 8000, haproxy: 8090,
+  routedIperf: 5201, backendIperf: 5202, forward: 5301, rtt: 7000, echo: 8000, haproxy: 8090,
   core: { iperf: 9000, rtt: 9001, load: 9002 }, shell: { iperf: 8080, rtt: 8081, load: 8082 },
 } as const;
 
@@ -37,7 +38,7 @@ export interface Pair {
 
 export interface ConnView {
   id: string; phase: number; state: string; bytesFromClient: number; bytesFromCore: number;
-  client: { address: string; port: number }; stitchId?: number;
+  clientEnded: boolean; coreEnded: boolean; client: { address: string; port: number }; stitchId?: number;
 }
 
 export interface Bed {
@@ -75,14 +76,22 @@ export async function startBed(): Promise<Bed> {
   };
   try {
     const { a, b } = topo;
-    const keyFile = join(dir, 'key');
-    writeFileSync(keyFile, formatKeyFile([generateKey()]), { mode: 0o600 });
+    // One key per shell (and its core), all of them known to the switch: shells sharing a key share
+    // its request sequence space, and two agents discovering at once get REPLAYED.
+    const keys = { iperf: generateKey(), rtt: generateKey(), load: generateKey() };
+    const keyFile = (name: keyof typeof keys | 'switch') => {
+      const path = join(dir, `key-${name}`);
+      writeFileSync(path, formatKeyFile(name === 'switch' ? Object.values(keys) : [keys[name]]), { mode: 0o600 });
+      return path;
+    };
     const policy = join(dir, 'policy.json');
     writeFileSync(policy, JSON.stringify(MANUAL));
-    const sw = await startSwitch(topo, ['--key-file', keyFile, '--bpffs', topo.bpffs!]);
+    const sw = await startSwitch(topo, ['--key-file', keyFile('switch'), '--bpffs', topo.bpffs!]);
 
     b.spawn('iperf3', ['-s', '-p', String(PORTS.routedIperf), '-B', b.addr], { stdio: 'ignore' });
     b.spawn('iperf3', ['-s', '-p', String(PORTS.backendIperf), '-B', '127.0.0.1'], { stdio: 'ignore' });
+    // The like-for-like routed baseline: B's iperf3 behind the same relay code the core uses.
+    nodeInNs(b, 'test/fixtures/forward.ts', [b.addr, String(PORTS.forward), '127.0.0.1', String(PORTS.backendIperf)], { stdio: 'ignore' });
     nodeInNs(b, 'test/fixtures/rtt.ts', ['server', '0.0.0.0', String(PORTS.rtt)], { stdio: 'ignore' });
     const echo = nodeInNs(b, 'test/fixtures/echo-backend.ts', ['127.0.0.1', String(PORTS.echo)], { stdio: ['ignore', 'pipe', 'ignore'] });
     echo.stdout!.resume(); // verdict lines; the load client's own check is what the bench reads
@@ -90,12 +99,13 @@ export async function startBed(): Promise<Bed> {
     const backends = { iperf: PORTS.backendIperf, rtt: PORTS.rtt, load: PORTS.echo };
     const pairs = {} as Record<Pair['name'], Pair>;
     for (const name of ['iperf', 'rtt', 'load'] as const) {
+      const key = keyFile(name);
       const logs = { shell: [] as string[], core: [] as string[] };
-      const core = nodeInNs(b, 'bin/tcp-stitch.js', ['core', '--listen', `${b.addr}:${PORTS.core[name]}`, '--forward', `127.0.0.1:${backends[name]}`, '--key-file', keyFile], { stdio: ['ignore', 'ignore', 'pipe'] });
+      const core = nodeInNs(b, 'bin/tcp-stitch.js', ['core', '--listen', `${b.addr}:${PORTS.core[name]}`, '--forward', `127.0.0.1:${backends[name]}`, '--key-file', key], { stdio: ['ignore', 'ignore', 'pipe'] });
       collect(core, logs.core);
       const controlPath = `/run/${topo.id}-bench-${name}.sock`;
       const shell = nodeInNs(a, 'bin/tcp-stitch.js', ['shell', '--listen', `${a.addr}:${PORTS.shell[name]}`, '--core', `${b.addr}:${PORTS.core[name]}`,
-        '--control', controlPath, '--switch', 'auto', '--key-file', keyFile, '--policy', policy], { stdio: ['ignore', 'ignore', 'pipe'] });
+        '--control', controlPath, '--switch', 'auto', '--key-file', key, '--policy', policy], { stdio: ['ignore', 'ignore', 'pipe'] });
       collect(shell, logs.shell);
       pairs[name] = { name, shell, core, port: PORTS.shell[name], controlPath, logs };
     }
@@ -104,9 +114,10 @@ export async function startBed(): Promise<Bed> {
     a.spawn('haproxy', ['-f', haproxyCfg, '-db'], { stdio: 'ignore' });
 
     await Promise.all([
-      b.waitForListen(PORTS.routedIperf), b.waitForListen(PORTS.backendIperf), b.waitForListen(PORTS.rtt), b.waitForListen(PORTS.echo),
-      ...Object.values(PORTS.core).map((p) => b.waitForListen(p)), a.waitForListen(PORTS.haproxy),
-      ...Object.values(pairs).map((p) => waitForLog(p.shell, p.logs.shell, /"stitching available"/)),
+      // Eight node processes start at once on a few shared CPUs: give them time.
+      ...[PORTS.routedIperf, PORTS.backendIperf, PORTS.forward, PORTS.rtt, PORTS.echo, ...Object.values(PORTS.core)].map((p) => b.waitForListen(p, 60_000)),
+      a.waitForListen(PORTS.haproxy, 60_000),
+      ...Object.values(pairs).map((p) => waitForLog(p.shell, p.logs.shell, /"stitching available"/, 1, 60_000)),
     ]);
     return { topo, sw, pairs, echo, mapsDir: join(topo.bpffs!, 'tcp-stitch-to-a', 'maps'), close };
   } catch (e) {
@@ -131,6 +142,16 @@ export async function untilStatus(p: Pair, pred: (cs: ConnView[]) => boolean, wh
     if (Date.now() > deadline) throw new Error(`shell ${p.name}: ${what} not reached within ${timeoutMs} ms: ${JSON.stringify(cs.map((c) => [c.state, c.bytesFromClient, c.bytesFromCore]))}`);
     await sleep(everyMs);
   }
+}
+
+/**
+ * Waits (up to timeoutMs) for the shell to drop every connection, and returns the ids of those it
+ * still holds then: a stitch that went wrong can leave one behind for good, and the runs after it
+ * must not count it as theirs.
+ */
+export async function settle(p: Pair, timeoutMs = 5_000): Promise<Set<string>> {
+  const cs = await untilStatus(p, (x) => x.length === 0, 'no connection left', timeoutMs, 50).catch(async () => connections(p));
+  return new Set(cs.map((c) => c.id));
 }
 
 /** `tcp-stitch stitch --all` through the CLI, in A. */

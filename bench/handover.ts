@@ -1,7 +1,7 @@
 // The handover under load: `conns` connections through the load shell, each sending `size` bytes each
 // way at full speed (test/fixtures/load-client.ts in C against test/fixtures/echo-backend.ts behind
 // the core), all stitched at once (the request `tcp-stitch stitch --all` sends) once every one of
-// them is moving data both ways. Runs alternate with the same load left on the shell path, so the
+// them is moving data both ways (1 MiB moved each way). Runs alternate with the same load left on the shell path, so the
 // retransmissions and retransmission timeouts (netstat at C and B, before/after) a stitch causes
 // can be told from those the load causes anyway.
 //
@@ -12,11 +12,14 @@
 //  - datapath: first packet after the commit -> PHASE_STITCHED, from the stitch_state entry the
 //    eBPF program keeps (first_ns, stitched_ns; read from the pinned map right after the call).
 import { join } from 'node:path';
-import { PHASE_STITCHED, STITCH_STATE_SIZE, decodeStitchState, u32Key, type StitchStateVal } from '../switch/bpf/layout.ts';
+import {
+  PHASE_STITCHED, STITCH_CFG_SIZE, STITCH_FORCE_STITCHED, STITCH_STATE_SIZE, decodeStitchCfg, decodeStitchState, type StitchStateVal,
+} from '../switch/bpf/layout.ts';
 import * as native from '../switch/native/index.ts';
 import { waitForLine } from '../test/bed.ts';
 import { nodeInNs } from '../test/hosts.ts';
-import { PORTS, connections, say, stitchAllDirect, untilStatus, type Bed } from './bed.ts';
+import { drainDiagnosis } from './diagnose.ts';
+import { PORTS, connections, say, settle, stitchAllDirect, untilStatus, type Bed, type ConnView } from './bed.ts';
 
 const COUNTERS = ['Tcp.RetransSegs', 'TcpExt.TCPTimeouts', 'TcpExt.TCPLossProbes', 'TcpExt.TCPSACKDiscard', 'TcpExt.TCPDSACKIgnoredOld',
   'TcpExt.PAWSEstab', 'Tcp.InCsumErrors', 'TcpExt.TCPSpuriousRTOs'] as const;
@@ -31,11 +34,21 @@ export interface HandoverRun {
   stitch?: {
     /** The whole `stitch --all` request (all connections concurrently). */
     callMs: number; ok: number; failed: string[];
-    /** Per connection, milliseconds. */
+    /** Per connection, milliseconds: the shell's view, and the datapath's (stitches the program
+     *  itself switched to PHASE_STITCHED on a packet; the others are in `datapath`). */
     shellMs: number[]; datapathMs: number[];
+    /** The parts of shellMs until the switch had installed the stitch (its log), and until the agent
+     *  had its answer (the agent's "stitch installed"). */
+    shellToSwitchMs: number[]; shellToInstalledMs: number[];
+    datapath: DatapathView[];
     /** Bytes the shell relayed before the stitch, all connections. */
     relayedBefore: number;
   };
+  /** Connections the shell still held 5 s after the load ended (it never learnt they closed). */
+  leftAtShell?: number;
+  /** Something worth knowing that did not spoil the run. */
+  note?: string;
+  /** What spoiled it (the counters are still those of the run). */
   error?: string;
 }
 
@@ -46,85 +59,156 @@ async function netstat(bed: Bed): Promise<{ c: Counters; b: Counters }> {
 }
 const diff = (x: Counters, y: Counters) => Object.fromEntries(COUNTERS.map((k) => [k, y[k] - x[k]])) as Counters;
 
-function datapathStates(bed: Bed, ids: number[]): StitchStateVal[] {
-  const fd = native.objGet(join(bed.mapsDir, 'stitch_state'));
-  try {
-    return ids.map((id) => native.mapLookup(fd, u32Key(id), STITCH_STATE_SIZE)).filter((v): v is Buffer => v !== null).map(decodeStitchState);
-  } finally {
-    native.closeFd(fd);
-  }
+/** One stitch as the datapath last showed it (watched from the install until the request returned). */
+export interface DatapathView {
+  id: number; phase: 'installed' | 'draining' | 'stitched' | 'failed';
+  /** The daemon set FORCE_STITCHED: the drain condition held for two polls with no packet (idle). */
+  forced: boolean;
+  /** first packet after the commit -> drain condition first held / -> PHASE_STITCHED, ms. */
+  toDrainOkMs?: number; toStitchedMs?: number;
 }
 
-/** Per connection: shell log time from 'stitching' to 'stitched', ms. */
-function shellHandover(lines: string[], ids: Set<string>): number[] {
-  const at = new Map<string, { stitching?: number; stitched?: number }>();
+const PHASES = ['installed', 'draining', 'stitched', 'failed'] as const;
+
+/**
+ * Watches the switch's pinned stitch_state and stitch_cfg maps (every 10 ms, from this process) and
+ * keeps the last state of every stitch that was not there when it started: a stitch's entries go
+ * away when its connection ends, which may be before the stitch request returns.
+ */
+function watchDatapath(bed: Bed): { stop(): DatapathView[] } {
+  const st = native.objGet(join(bed.mapsDir, 'stitch_state')), cfg = native.objGet(join(bed.mapsDir, 'stitch_cfg'));
+  const keys = () => {
+    const out: Buffer[] = [];
+    for (let k = native.mapNextKey(st, null, 4); k && out.length < 8192; k = native.mapNextKey(st, k, 4)) out.push(Buffer.from(k));
+    return out;
+  };
+  const before = new Set(keys().map((k) => k.readUInt32LE(0)));
+  const last = new Map<number, { x: StitchStateVal; flags: number }>();
+  const read = () => {
+    for (const k of keys()) {
+      const id = k.readUInt32LE(0);
+      if (before.has(id)) continue;
+      const v = native.mapLookup(st, k, STITCH_STATE_SIZE), c = native.mapLookup(cfg, k, STITCH_CFG_SIZE);
+      if (v) last.set(id, { x: decodeStitchState(v), flags: c ? decodeStitchCfg(c).flags : last.get(id)?.flags ?? 0 });
+    }
+  };
+  const timer = setInterval(read, 10);
+  return {
+    stop() {
+      clearInterval(timer);
+      try { read(); } finally { native.closeFd(st); native.closeFd(cfg); }
+      return [...last].map(([id, { x, flags }]) => {
+        const ms = (t: bigint) => (x.firstNs > 0n && t >= x.firstNs ? Number(t - x.firstNs) / 1e6 : undefined);
+        return {
+          id, phase: PHASES[x.phase] ?? 'failed', forced: (flags & STITCH_FORCE_STITCHED) !== 0,
+          ...(x.drainOkNs > 0n && { toDrainOkMs: ms(x.drainOkNs) }), ...(x.phase === PHASE_STITCHED && { toStitchedMs: ms(x.stitchedNs) }),
+        };
+      });
+    },
+  };
+}
+
+/**
+ * Per connection, from the shell's log: 'stitching' (the decision) -> 'stitched' (phase 3); when the
+ * agent had the switch's answer to its STITCH ("stitch installed", with the stitch id); and, from the
+ * switch's log (same clock), when the switch had installed that stitch in the datapath.
+ */
+function shellHandover(lines: string[], switchLines: string[], ids: Set<string>): { total: number[]; toInstalled: number[]; toSwitch: number[] } {
+  const at = new Map<string, { stitching?: number; installed?: number; stitched?: number; stitchId?: number }>();
   for (const l of lines) {
-    if (!l.includes('"connection phase"')) continue;
-    const o = JSON.parse(l) as { connectionId: string; to: string; timestamp: string };
-    if (!ids.has(o.connectionId) || (o.to !== 'stitching' && o.to !== 'stitched')) continue;
+    const phase = l.includes('"connection phase"'), inst = l.includes('"stitch installed"');
+    if (!phase && !inst) continue;
+    const o = JSON.parse(l) as { connectionId: string; to?: string; timestamp: string; stitchId?: number };
+    const key = inst ? 'installed' : o.to;
+    if (!ids.has(o.connectionId) || (key !== 'stitching' && key !== 'stitched' && key !== 'installed')) continue;
     const e = at.get(o.connectionId) ?? {};
-    e[o.to] = Date.parse(o.timestamp);
+    e[key] = Date.parse(o.timestamp);
+    if (inst) e.stitchId = o.stitchId;
     at.set(o.connectionId, e);
   }
-  return [...at.values()].filter((e) => e.stitching !== undefined && e.stitched !== undefined).map((e) => e.stitched! - e.stitching!);
+  const atSwitch = new Map<number, number>();
+  for (const l of switchLines) {
+    if (!l.includes('"stitch installed"') || !l.includes('"switch-control"')) continue;
+    const o = JSON.parse(l) as { id: number; timestamp: string };
+    atSwitch.set(o.id, Date.parse(o.timestamp));
+  }
+  const done = [...at.values()].filter((e) => e.stitching !== undefined && e.stitched !== undefined);
+  return {
+    total: done.map((e) => e.stitched! - e.stitching!),
+    toInstalled: done.filter((e) => e.installed !== undefined).map((e) => e.installed! - e.stitching!),
+    toSwitch: done.filter((e) => e.stitchId !== undefined && atSwitch.has(e.stitchId)).map((e) => atSwitch.get(e.stitchId!)! - e.stitching!),
+  };
 }
+
+/** How long a load may take before its run is declared stalled. */
+const LOAD_TIMEOUT_MS = 30_000;
 
 async function one(bed: Bed, round: number, stitch: boolean, conns: number, size: number): Promise<HandoverRun> {
   const pair = bed.pairs.load;
-  await untilStatus(pair, (cs) => cs.length === 0, 'no connection left from the previous run', 30_000, 50);
+  const old = await settle(pair);
+  const swLogsFrom = bed.sw.logs.length;
   const before = await netstat(bed);
   const client = nodeInNs(bed.topo.c, 'test/fixtures/load-client.ts', [bed.topo.a.addr, String(PORTS.shell.load), String(conns), String(size)], { stdio: ['ignore', 'pipe', 'pipe'] });
-  const done = waitForLine(client, /^\{/, 240_000);
+  const done = waitForLine(client, /^\{/, LOAD_TIMEOUT_MS);
   done.catch(() => undefined);
+  const run: HandoverRun = { stitched: stitch, round, conns, sizeBytes: size, loadMs: NaN, exact: false, c: {} as Counters, b: {} as Counters };
   try {
-    return await loadRun(bed, round, stitch, conns, size, before, done);
+    // Stitch (or, for the comparison run, do nothing) once every connection moves data both ways.
+    const seen = new Set<string>();
+    const mine = (cs: ConnView[]) => cs.filter((c) => !old.has(c.id));
+    const loaded = mine(await untilStatus(pair, (all) => {
+      const cs = mine(all);
+      for (const c of cs) seen.add(c.id);
+      return seen.size === conns && cs.every((c) => c.clientEnded || c.coreEnded || (c.state === 'relaying' && Math.min(c.bytesFromClient, c.bytesFromCore) >= 1 << 20));
+    }, `${conns} connections relaying, 1 MiB each way`, 60_000));
+    if (stitch) {
+      const watch = watchDatapath(bed);
+      let views: DatapathView[] = [];
+      const { outcomes, ms } = await stitchAllDirect(pair).finally(() => { views = watch.stop(); });
+      const okIds = new Set(outcomes.filter((o) => o.ok).map((o) => o.id));
+      const sh = shellHandover(pair.logs.shell, bed.sw.logs.slice(swLogsFrom), okIds);
+      run.stitch = {
+        callMs: ms, ok: okIds.size, failed: outcomes.filter((o) => !o.ok).map((o) => `${o.id}: ${o.error}`),
+        shellMs: sh.total, shellToSwitchMs: sh.toSwitch, shellToInstalledMs: sh.toInstalled, datapath: views,
+        datapathMs: views.filter((x) => x.toStitchedMs !== undefined).map((x) => x.toStitchedMs!),
+        relayedBefore: loaded.reduce((a, c) => a + c.bytesFromClient + c.bytesFromCore, 0),
+      };
+      if (okIds.size < conns) run.note = `${conns - okIds.size} of ${conns} connections not stitched (finished sending before the stitch, or refused)`;
+    }
+    try {
+      const result = JSON.parse(await done) as { ok: boolean; failed: unknown[]; ms: number };
+      run.loadMs = result.ms;
+      run.exact = result.ok && result.failed.length === 0;
+    } catch {
+      const stuck = mine(await connections(pair));
+      const slow = drainDiagnosis(bed.sw.logs.slice(swLogsFrom));
+      run.error = `the load did not complete within ${LOAD_TIMEOUT_MS / 1000} s: ${stuck.length} connections still at the shell ` +
+        `(${[...new Set(stuck.map((c) => c.state))].join(', ')})${slow.length ? `; drains logged slow: ${slow.slice(0, 3).join('; ')}${slow.length > 3 ? `; ... (${slow.length})` : ''}` : ''}`;
+    }
+  } catch (e) {
+    run.error = (e as Error).message;
   } finally {
     if (client.exitCode === null && client.signalCode === null) client.kill('SIGKILL'); // ours, by its pid
   }
-}
-
-async function loadRun(bed: Bed, round: number, stitch: boolean, conns: number, size: number, before: { c: Counters; b: Counters }, done: Promise<string>): Promise<HandoverRun> {
-  const pair = bed.pairs.load;
-  let stitchPart: HandoverRun['stitch'];
-  // Stitch (or, for the comparison run, do nothing) once every connection moves data both ways.
-  const loaded = await untilStatus(pair, (cs) => cs.length === conns && cs.every((c) => c.state === 'relaying' && Math.min(c.bytesFromClient, c.bytesFromCore) >= 2 << 20),
-    `${conns} connections relaying, 2 MiB each way`, 60_000);
-  if (stitch) {
-    const { outcomes, ms } = await stitchAllDirect(pair);
-    const after = await connections(pair);
-    const ids = after.filter((c) => c.stitchId !== undefined && outcomes.some((o) => o.ok && o.id === c.id)).map((c) => c.stitchId!);
-    const states = datapathStates(bed, ids).filter((s) => s.phase === PHASE_STITCHED && s.firstNs > 0n && s.stitchedNs >= s.firstNs);
-    stitchPart = {
-      callMs: ms, ok: outcomes.filter((o) => o.ok).length, failed: outcomes.filter((o) => !o.ok).map((o) => `${o.id}: ${o.error}`),
-      shellMs: [], datapathMs: states.map((s) => Number(s.stitchedNs - s.firstNs) / 1e6),
-      relayedBefore: loaded.reduce((s, c) => s + c.bytesFromClient + c.bytesFromCore, 0),
-    };
-    stitchPart.shellMs = shellHandover(pair.logs.shell, new Set(outcomes.filter((o) => o.ok).map((o) => o.id)));
-  }
-  const result = JSON.parse(await done) as { ok: boolean; failed: unknown[]; ms: number };
-  await untilStatus(pair, (cs) => cs.length === 0, 'every load connection closed at the shell', 60_000, 50).catch((e: Error) => say(`  warning: ${e.message}`));
+  const left = [...await settle(pair)].filter((id) => !old.has(id));
+  if (left.length) run.leftAtShell = left.length;
   const after = await netstat(bed);
-  return {
-    stitched: stitch, round, conns, sizeBytes: size, loadMs: result.ms, exact: result.ok && result.failed.length === 0,
-    c: diff(before.c, after.c), b: diff(before.b, after.b), ...(stitchPart && { stitch: stitchPart }),
-  };
+  run.c = diff(before.c, after.c);
+  run.b = diff(before.b, after.b);
+  return run;
 }
 
 export async function measureHandover(bed: Bed, rounds: number, conns: number, size: number): Promise<HandoverRun[]> {
   const runs: HandoverRun[] = [];
   for (let round = 0; round < rounds; round++) {
     for (const stitch of [true, false]) {
-      let r: HandoverRun;
-      try {
-        r = await one(bed, round, stitch, conns, size);
-      } catch (e) {
-        r = { stitched: stitch, round, conns, sizeBytes: size, loadMs: NaN, exact: false, c: {} as Counters, b: {} as Counters, error: (e as Error).message };
-      }
+      const r = await one(bed, round, stitch, conns, size);
       runs.push(r);
       const s = r.stitch;
-      say(`handover round ${round + 1}/${rounds} ${stitch ? 'stitched' : 'no stitch'}: ${r.error ? `FAILED: ${r.error}` :
-        `${conns} x ${size >> 20} MiB each way in ${r.loadMs} ms, exact ${r.exact}; retrans C ${r.c['Tcp.RetransSegs']} B ${r.b['Tcp.RetransSegs']}, RTOs C ${r.c['TcpExt.TCPTimeouts']} B ${r.b['TcpExt.TCPTimeouts']}` +
-        (s ? `; stitch call ${s.callMs.toFixed(0)} ms, ${s.ok}/${conns} ok, shell max ${Math.max(...s.shellMs)} ms, datapath max ${Math.max(...s.datapathMs).toFixed(2)} ms` : '')}`);
+      say(`handover round ${round + 1}/${rounds} ${stitch ? 'stitched ' : 'no stitch'}: ${r.error ? `FAILED: ${r.error}` : `${conns} x ${size >> 20} MiB each way in ${r.loadMs} ms, exact ${r.exact}`}` +
+        `; retrans C ${r.c['Tcp.RetransSegs']} B ${r.b['Tcp.RetransSegs']}, RTOs C ${r.c['TcpExt.TCPTimeouts']} B ${r.b['TcpExt.TCPTimeouts']}` +
+        (s ? `; stitch call ${s.callMs.toFixed(0)} ms, ${s.ok}/${conns} ok, shell max ${Math.max(...s.shellMs)} ms, datapath max ${Math.max(...s.datapathMs).toFixed(2)} ms` : '') +
+        (r.note ? `; ${r.note}` : '') + (r.leftAtShell ? `; ${r.leftAtShell} connections still at the shell 5 s after the load` : ''));
     }
   }
   return runs;

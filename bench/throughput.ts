@@ -1,6 +1,8 @@
 // Throughput, C->B and B->C (iperf3, -R for B->C), four modes interleaved round by round so that
 // drift hits them alike:
 //   routed       C -> S -> B's iperf3, no shell
+//   routed + B relay  C -> S -> B's forwarder (the core's relay code) -> iperf3 on B's loopback: the
+//                like-for-like baseline, since a stitched connection still ends in the core's relay
 //   shell relay  C -> shell (phase 2, never stitched) -> core -> iperf3 on B's loopback
 //   stitched     the same path, stitched with `tcp-stitch stitch --all` as soon as iperf3's control
 //                and data connections are relaying; only the 1-s intervals that start >= 1 s after
@@ -8,10 +10,12 @@
 //   haproxy      C -> HAProxy (TCP mode) on A -> B's iperf3
 // Around the shell runs it reads the shell's CPU (utime + stime): the whole run for phase 2, only the
 // counted intervals for phase 3. For stitched runs it also reads the core's CPU over the same window.
-import { PORTS, cpuBetween, cpuSeconds, cpuTrace, say, stitchAllCli, untilStatus, type Bed } from './bed.ts';
+import { drainDiagnosis } from './diagnose.ts';
+import { PORTS, cpuBetween, cpuSeconds, cpuTrace, say, settle, stitchAllCli, untilStatus, type Bed } from './bed.ts';
 
-export type Mode = 'routed' | 'shell relay' | 'stitched' | 'haproxy';
-export const MODES: Mode[] = ['routed', 'shell relay', 'stitched', 'haproxy'];
+export type Mode = 'routed' | 'routed + B relay' | 'shell relay' | 'stitched' | 'haproxy';
+/** Run order within a round: stitched right after routed, so that each pair sees the same load. */
+export const MODES: Mode[] = ['routed', 'stitched', 'routed + B relay', 'shell relay', 'haproxy'];
 
 export interface Run {
   mode: Mode; round: number; reverse: boolean;
@@ -56,14 +60,12 @@ const summary = (j: IperfJson) => ({
   gbps: j.end.sum_received.bits_per_second / 1e9, retransmits: j.end.sum_sent.retransmits ?? 0, bytes: j.end.sum_received.bytes,
 });
 
-/** Waits until the iperf shell has no connection left (the previous run's closed). */
-const idle = (bed: Bed) => untilStatus(bed.pairs.iperf, (cs) => cs.length === 0, 'no connection left from the previous run', 30_000, 50);
-
 async function plain(bed: Bed, mode: Mode, seconds: number, reverse: boolean): Promise<Omit<Run, 'mode' | 'round' | 'reverse'>> {
   const { a, b } = bed.topo;
   if (mode === 'routed') return summary(await iperf(bed, b.addr, PORTS.routedIperf, seconds, reverse));
+  if (mode === 'routed + B relay') return summary(await iperf(bed, b.addr, PORTS.forward, seconds, reverse));
   if (mode === 'haproxy') return summary(await iperf(bed, a.addr, PORTS.haproxy, seconds, reverse));
-  await idle(bed);
+  await settle(bed.pairs.iperf);
   const pid = bed.pairs.iperf.shell.pid!;
   const cpu0 = cpuSeconds(pid);
   const s = summary(await iperf(bed, a.addr, PORTS.shell.iperf, seconds, reverse));
@@ -72,7 +74,8 @@ async function plain(bed: Bed, mode: Mode, seconds: number, reverse: boolean): P
 
 async function stitched(bed: Bed, seconds: number, reverse: boolean): Promise<Omit<Run, 'mode' | 'round' | 'reverse'>> {
   const p = bed.pairs.iperf;
-  await idle(bed);
+  const old = await settle(p);
+  const logsFrom = bed.sw.logs.length;
   const shellTrace = cpuTrace(p.shell.pid!), coreTrace = cpuTrace(p.core.pid!);
   try {
     const launched = performance.now();
@@ -81,7 +84,8 @@ async function stitched(bed: Bed, seconds: number, reverse: boolean): Promise<Om
     running.catch(() => undefined);
     // iperf3's clock starts when its data connection is up: the first status that shows it.
     let dataAt = 0;
-    await untilStatus(p, (cs) => {
+    await untilStatus(p, (all) => {
+      const cs = all.filter((c) => !old.has(c.id));
       if (cs.length === 2 && !dataAt) dataAt = performance.now();
       return cs.length === 2 && cs.every((c) => c.state === 'relaying') && cs.some((c) => (reverse ? c.bytesFromCore : c.bytesFromClient) > 1 << 20);
     }, 'iperf3 control and data connections relaying', 20_000);
@@ -95,15 +99,23 @@ async function stitched(bed: Bed, seconds: number, reverse: boolean): Promise<Om
       .map((i) => ({ start: i.sum.start, end: i.sum.end, gbps: i.sum.bits_per_second / 1e9, bytes: i.sum.bytes }));
     const stitchStartS = (returned - st.ms - dataAt) / 1000; // on iperf3's clock, roughly
     const beforeGbps = j.intervals.filter((i) => i.sum.end <= stitchStartS).map((i) => i.sum.bits_per_second / 1e9);
-    if (counted.length === 0) return { ...summary(j), gbps: NaN, error: `no 1-s interval starts >= 1 s after the stitch (returned at ${returnedAtS.toFixed(2)} s)` };
+    if (counted.length === 0) {
+      const stuck = drainDiagnosis(bed.sw.logs.slice(logsFrom));
+      const last = j.intervals.at(-1)?.sum.end ?? 0;
+      return {
+        ...summary(j), gbps: NaN,
+        error: `the stitch returned ${returnedAtS.toFixed(1)} s after iperf3 started (its test lasted ${last.toFixed(1)} s): no interval to count` +
+          (stuck.length ? `; the drain did not complete until the test ended (${stuck.join('; ')})` : ''),
+      };
+    }
+    // (C->B: iperf3's client intervals count bytes sent; over these seconds that differs from bytes
+    // received by at most what the socket buffers hold, well under 1 %.)
     const secs = counted.reduce((s, i) => s + (i.end - i.start), 0);
     const bytes = counted.reduce((s, i) => s + i.bytes, 0);
     // The counted intervals on the wall clock: iperf3's 0 is about when its data connection appeared.
     const from = dataAt + counted[0]!.start * 1000, to = dataAt + counted.at(-1)!.end * 1000;
     const shellCpu = cpuBetween(shellSamples, from, to), coreCpu = cpuBetween(coreSamples, from, to);
     const wall = (to - from) / 1000;
-    // Nothing may be left on the shell: the stitched connections end there when the switch sees the FINs.
-    await idle(bed).catch((e: Error) => say(`  warning: ${e.message}`));
     return {
       ...summary(j), gbps: (bytes * 8) / secs / 1e9, shellCpu, shellBytes: bytes,
       stitch: { returnedAtS, cliMs: st.ms, lines: st.lines, counted, beforeGbps, coreCpuPerS: coreCpu / wall, shellCpuPerS: shellCpu / wall },
@@ -124,12 +136,10 @@ export async function measureThroughput(bed: Bed, rounds: number, seconds: numbe
           r = { mode, round, reverse, ...m };
         } catch (e) {
           r = { mode, round, reverse, gbps: NaN, retransmits: 0, bytes: 0, error: (e as Error).message };
-          // A run that failed mid-way may leave iperf3 connections on the shell; let them go.
-          if (mode === 'stitched' || mode === 'shell relay') await idle(bed).catch(() => undefined);
         }
         runs.push(r);
         const extra = r.stitch ? ` (stitched at ${r.stitch.returnedAtS.toFixed(2)} s, ${r.stitch.counted.length} intervals; core ${r.stitch.coreCpuPerS.toFixed(2)} CPU, shell ${r.stitch.shellCpuPerS.toFixed(3)} CPU)` : '';
-        say(`round ${round + 1}/${rounds} ${mode.padEnd(11)} ${reverse ? 'B->C' : 'C->B'} ${r.error ? `FAILED: ${r.error}` : `${r.gbps.toFixed(2)} Gbit/s, ${r.retransmits} retransmits${extra}`}`);
+        say(`round ${round + 1}/${rounds} ${mode.padEnd(16)} ${reverse ? 'B->C' : 'C->B'} ${r.error ? `FAILED: ${r.error}` : `${r.gbps.toFixed(2)} Gbit/s, ${r.retransmits} retransmits${extra}`}`);
       }
     }
   }

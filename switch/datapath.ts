@@ -266,7 +266,14 @@ export async function openStitchObject(opts: OpenStitchObjectOptions = {}): Prom
     base = resolve(base);
     if (!isBpffs(base)) throw new InvalidArgumentError(`bpffs ${base} is not a mounted bpf filesystem; mount one (mount -t bpf bpf ${base}) or leave the option out`);
   }
-  const pinDir = join(base ?? '', persistent ? opts.persistentName! : `stitch-${tag}`);
+  if (base === undefined) {
+    if (!existsSync(obj)) throw new DatapathError(`eBPF object ${obj} is missing: build it with \`npm run build\` (make -C switch/bpf; needs clang, libbpf-dev)`);
+    mounted = `/run/tcp-stitch/bpffs-${tag}`;
+    mkdirSync(mounted, { recursive: true });
+    await sh('mount', ['-t', 'bpf', 'bpf', mounted]);
+    base = mounted;
+  }
+  const pinDir = join(base, persistent ? opts.persistentName! : `stitch-${tag}`);
   // Adopt what an earlier daemon pinned; a directory with markers only is a load that never finished.
   let adopting = false;
   if (persistent && existsSync(pinDir)) {
@@ -277,12 +284,6 @@ export async function openStitchObject(opts: OpenStitchObjectOptions = {}): Prom
     if (!adopting) rmSync(pinDir, { recursive: true, force: true });
   }
   if (!adopting && !existsSync(obj)) throw new DatapathError(`eBPF object ${obj} is missing: build it with \`npm run build\` (make -C switch/bpf; needs clang, libbpf-dev)`);
-  if (base === undefined) {
-    mounted = `/run/tcp-stitch/bpffs-${tag}`;
-    mkdirSync(mounted, { recursive: true });
-    await sh('mount', ['-t', 'bpf', 'bpf', mounted]);
-    base = mounted;
-  }
   const progPath = join(pinDir, 'prog');
   const fds: number[] = [];
   const owner = marker.owner();

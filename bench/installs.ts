@@ -1,0 +1,173 @@
+// Stitch installs per second, on a freshly loaded stitch object (switch/bpf/stitch.bpf.o pinned in
+// the topology's bpffs, not attached anywhere), with fake tracked flows in its `flows` map (both
+// handshakes seen) for 4096 stitches (the table size):
+//  - single:  StitchMaps.install, as the switch daemon does it: two flow lookups, the translation,
+//             four map updates (state, two legs, commit entry), one bpf(2) call each;
+//  - batched: the same entries written 256 installs at a time with one mapUpdateBatch per map
+//             (state, legs, commit entries, in that order, so the commit-key pattern holds per batch);
+//  - control protocol: STITCH requests over UDP on 127.0.0.1 (HMAC-authenticated, 256 in flight: as
+//             many as the agent has in flight for `stitch --all`) from the agent's control client to
+//             the switch's control server, whose datapath installs with StitchMaps.install into the
+//             same maps. Client and server share this one process.
+import winston from 'winston';
+import { createControlClient } from '../agent/control-client.ts';
+import {
+  FLOW_DIR_SIZE, FLOW_SYN, FLOW_VAL_SIZE, LEG_VAL_SIZE, MAX_STITCHES, SIDE_CLIENT, SIDE_CORE, STITCH_CFG_SIZE, STITCH_STATE_SIZE,
+  decodeFlowVal, encodeFlowKey, encodeLegVal, encodeStitchCfg, encodeStitchStateInit, u32Key,
+} from '../switch/bpf/layout.ts';
+import { createSwitchControl } from '../switch/control-server.ts';
+import { StitchMaps, clientLegKey, computeStitchCfg, coreLegKey, openStitchObject } from '../switch/datapath.ts';
+import { ALL_TRANSLATIONS, generateKey, type Datapath, type StitchLegs, type StitchSpec } from '../switch/index.ts';
+import * as native from '../switch/native/index.ts';
+import { quantile } from './bed.ts';
+
+export interface InstallRates {
+  stitches: number;
+  single: { perSecond: number; p50Us: number; p99Us: number; rounds: number };
+  batched: { perSecond: number; batch: number; rounds: number };
+  control: { perSecond: number; removalsPerSecond: number; inFlight: number; n: number; retransmissions: number } | { error: string };
+}
+
+const silent = winston.createLogger({ silent: true, transports: [new winston.transports.Console({ silent: true })] });
+
+function legs(i: number, shell: string): StitchLegs {
+  return {
+    clientLeg: { client: { address: '198.18.1.2', port: 10000 + i }, shell: { address: shell, port: 8080 } },
+    coreLeg: { shell: { address: shell, port: 20000 + i }, core: { address: '198.18.3.2', port: 9000 } },
+    clientOffset: 0n, corePreambleLength: 64, shellOffset: 0n, coreAnswerLength: 8,
+  };
+}
+
+/** A `flows` entry saying both handshakes of the leg were seen (all the install checks). */
+function trackedFlow(): Buffer {
+  const v = Buffer.alloc(FLOW_VAL_SIZE);
+  v[45] = FLOW_SYN; // dir[0].flags (the shell's direction)
+  v[FLOW_DIR_SIZE + 45] = FLOW_SYN; // dir[1].flags (the far end's)
+  return v;
+}
+
+function deleteAll(fds: Record<'legs' | 'stitch_cfg' | 'stitch_state', number>, specs: StitchSpec[]): void {
+  for (const s of specs) {
+    native.mapDelete(fds.stitch_cfg, u32Key(s.id));
+    native.mapDelete(fds.legs, encodeFlowKey(clientLegKey(s)));
+    native.mapDelete(fds.legs, encodeFlowKey(coreLegKey(s)));
+    native.mapDelete(fds.stitch_state, u32Key(s.id));
+  }
+}
+
+export async function measureInstalls(bpffs: string, rounds = 5): Promise<InstallRates> {
+  const obj = await openStitchObject({ bpffs });
+  try {
+    const maps = new StitchMaps(obj.maps);
+    const n = MAX_STITCHES;
+    const flow = trackedFlow();
+    const specs: StitchSpec[] = [];
+    for (let i = 0; i < n; i++) {
+      for (const shell of ['198.18.2.2', '127.0.0.1']) {
+        const s = { id: i + 1, ...legs(i, shell) };
+        native.mapUpdate(obj.maps.flows, encodeFlowKey(clientLegKey(s)), flow);
+        native.mapUpdate(obj.maps.flows, encodeFlowKey(coreLegKey(s)), flow);
+        if (shell !== '127.0.0.1') specs.push(s);
+      }
+    }
+
+    // Single installs, one bpf(2) call per map update.
+    for (const s of specs.slice(0, 512)) maps.install(s, { drain: true }); // warm-up
+    deleteAll(obj.maps, specs.slice(0, 512));
+    const lat: number[] = [];
+    let ns = 0;
+    for (let r = 0; r < rounds; r++) {
+      for (const s of specs) {
+        const t = process.hrtime.bigint();
+        maps.install(s, { drain: true });
+        const d = Number(process.hrtime.bigint() - t);
+        ns += d;
+        lat.push(d / 1e3);
+      }
+      deleteAll(obj.maps, specs);
+    }
+    const single = { perSecond: (rounds * n) / (ns / 1e9), p50Us: quantile(lat, 0.5), p99Us: quantile(lat, 0.99), rounds };
+
+    // Batched: lookups and translation per stitch, then one batch call per map.
+    const B = 256;
+    const batchOnce = (chunk: StitchSpec[]) => {
+      const ids: Buffer[] = [], states: Buffer[] = [], legKeys: Buffer[] = [], legVals: Buffer[] = [], cfgs: Buffer[] = [];
+      for (const s of chunk) {
+        const ck = encodeFlowKey(clientLegKey(s)), kk = encodeFlowKey(coreLegKey(s));
+        const c = native.mapLookup(obj.maps.flows, ck, FLOW_VAL_SIZE), k = native.mapLookup(obj.maps.flows, kk, FLOW_VAL_SIZE);
+        if (!c || !k) throw new Error('fake flow missing');
+        const cfg = computeStitchCfg(s, decodeFlowVal(c), decodeFlowVal(k), 1, 0);
+        ids.push(u32Key(s.id)); states.push(encodeStitchStateInit(s.id, 1));
+        legKeys.push(ck, kk); legVals.push(encodeLegVal({ id: s.id, gen: 1, side: SIDE_CLIENT }), encodeLegVal({ id: s.id, gen: 1, side: SIDE_CORE }));
+        cfgs.push(encodeStitchCfg(cfg));
+      }
+      const idBuf = Buffer.concat(ids);
+      native.mapUpdateBatch(obj.maps.stitch_state, idBuf, Buffer.concat(states, chunk.length * STITCH_STATE_SIZE), chunk.length);
+      native.mapUpdateBatch(obj.maps.legs, Buffer.concat(legKeys), Buffer.concat(legVals, 2 * chunk.length * LEG_VAL_SIZE), 2 * chunk.length);
+      native.mapUpdateBatch(obj.maps.stitch_cfg, idBuf, Buffer.concat(cfgs, chunk.length * STITCH_CFG_SIZE), chunk.length);
+    };
+    batchOnce(specs.slice(0, B));
+    deleteAll(obj.maps, specs.slice(0, B));
+    let bns = 0;
+    for (let r = 0; r < rounds; r++) {
+      for (let i = 0; i < n; i += B) {
+        const t = process.hrtime.bigint();
+        batchOnce(specs.slice(i, i + B));
+        bns += Number(process.hrtime.bigint() - t);
+      }
+      deleteAll(obj.maps, specs);
+    }
+    const batched = { perSecond: (rounds * n) / (bns / 1e9), batch: B, rounds };
+
+    let control: InstallRates['control'];
+    try {
+      control = await throughControl(maps);
+    } catch (e) {
+      control = { error: (e as Error).message };
+    }
+    return { stitches: n, single, batched, control };
+  } finally {
+    await obj.close();
+  }
+}
+
+async function throughControl(maps: StitchMaps): Promise<InstallRates['control']> {
+  const installed = new Map<number, ReturnType<StitchMaps['install']>>();
+  const datapath: Datapath = {
+    capabilities: { translations: [...ALL_TRANSLATIONS], tableSize: MAX_STITCHES },
+    async install(spec) { installed.set(spec.id, maps.install(spec, { drain: true })); },
+    async remove(id) { const i = installed.get(id); if (i) { maps.remove(i); installed.delete(id); } },
+    status(id) {
+      return installed.has(id) ? { id, state: 'draining', packetsClientToCore: 0, packetsCoreToClient: 0, bytesClientToCore: 0, bytesCoreToClient: 0, shellPacketsDropped: 0 } : undefined;
+    },
+    onStateChange() { /* no traffic: no state changes */ },
+    async close() { /* the maps are the caller's */ },
+  };
+  const key = generateKey();
+  const sw = createSwitchControl({
+    shellAddress: '127.0.0.1', keys: [key], datapath, port: 0, logger: silent,
+    rateLimit: { perSecond: 1_000_000, burst: 1_000_000 },
+  });
+  const { port } = await sw.start();
+  const client = createControlClient({ switchAddress: '127.0.0.1', port, key, logger: silent, retransmit: { initialMs: 500, maxMs: 2000, totalMs: 20_000 } });
+  try {
+    await client.discover();
+    const n = MAX_STITCHES - 96, inFlight = 256;
+    const ids: number[] = [];
+    const pool = async (count: number, job: (i: number) => Promise<void>) => {
+      let next = 0;
+      await Promise.all(Array.from({ length: inFlight }, async () => { while (next < count) await job(next++); }));
+    };
+    const t0 = performance.now();
+    await pool(n, async (i) => { ids.push((await client.stitch(legs(i, '127.0.0.1'))).id); });
+    const installMs = performance.now() - t0;
+    const t1 = performance.now();
+    await pool(ids.length, async (i) => { await client.unstitch(ids[i]!); });
+    const removeMs = performance.now() - t1;
+    return { perSecond: n / (installMs / 1000), removalsPerSecond: ids.length / (removeMs / 1000), inFlight, n, retransmissions: client.counters().retransmissions };
+  } finally {
+    await client.close();
+    await sw.close();
+    for (const i of installed.values()) maps.remove(i);
+  }
+}
