@@ -132,8 +132,8 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
     if (lossPpm) await injectLoss(b, lossPpm);
     const client = nodeInNs(topo.c, 'test/fixtures/load-client.ts', [b.seg.shellAddr, String(SHELL_PORT), String(n), String(size)], { stdio: ['ignore', 'pipe', 'pipe'] });
     const summary = waitForLine(client, /^\{/, 280_000);
-    const result = JSON.parse(await summary.catch(async (err: Error) => {
-      // Where did it stop? The switch's and the shell's views, and the sockets at C, B and A.
+    // Where did it stop? With TCP_STITCH_DEBUG_DIR: the switch's and the shell's views, the sockets at C, B and A.
+    const dump = async (err: Error): Promise<never> => {
       const dir = process.env.TCP_STITCH_DEBUG_DIR;
       if (dir) {
         writeFileSync(join(dir, 'switch-status.json'), JSON.stringify(await switchStatus(b).catch((e: Error) => e.message), null, 1));
@@ -141,10 +141,11 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
         for (const h of [b.topo.c, b.topo.b, b.topo.a]) writeFileSync(join(dir, `ss-${h.name}.txt`), (await h.run('ss', ['-tinoem'])).stdout);
       }
       throw err;
-    })) as { ok: boolean; failed: unknown[]; ms: number };
+    };
+    const result = JSON.parse(await summary.catch(dump)) as { ok: boolean; failed: unknown[]; ms: number };
     assert.deepEqual(result.failed, [], 'C received exactly payload(seed + 1) on every connection');
     // B: one verdict line per connection (sha256 of what it received against payload(seed)).
-    const verdicts = (await waitForLog(b.seg.backend, b.verdicts, /^\{/, n, 60_000)).map((l) => JSON.parse(l) as { seed: number; ok: boolean });
+    const verdicts = (await waitForLog(b.seg.backend, b.verdicts, /^\{/, n, 60_000).catch(dump)).map((l) => JSON.parse(l) as { seed: number; ok: boolean });
     assert.ok(verdicts.every((v) => v.ok), `B received payload(seed) exactly on every connection: ${JSON.stringify(verdicts.filter((v) => !v.ok).slice(0, 3))}`);
     await waitForLog(b.seg.shell, b.seg.logs.shell, /"connection closed"/, n, 60_000);
     // What the relay had moved when each connection entered phase 3 is all it ever moved.
