@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { askControl } from '../bin/control.ts';
 import { formatKeyFile, generateKey } from '../switch/index.ts';
-import { startSwitch, waitForLog, type RunningSwitchProcess } from '../test/bed.ts';
+import { collect, startSwitch, waitForLog, type RunningSwitchProcess } from '../test/bed.ts';
 import { createTopology, nodeInNs, PROJECT_ROOT, type Host, type Topology } from '../test/hosts.ts';
 
 export const PORTS = {
@@ -52,18 +52,6 @@ export interface Bed {
   close(): Promise<void>;
 }
 
-/** Collects a child's stderr JSON log lines into `into`, emitting 'log-lines' (for test/bed.ts waitForLog). */
-function collect(child: ChildProcess, into: string[]) {
-  let buf = '';
-  child.stderr?.on('data', (d: Buffer) => {
-    buf += d;
-    const lines = buf.split('\n');
-    buf = lines.pop()!;
-    into.push(...lines);
-    if (into.length > 200_000) into.splice(0, 100_000);
-    child.emit('log-lines');
-  });
-}
 
 export async function startBed(): Promise<Bed> {
   const topo = await createTopology({ differentWindowScales: true, bpffs: true });

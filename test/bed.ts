@@ -37,13 +37,15 @@ export interface Segmented {
   logs: { shell: string[]; core: string[] };
 }
 
-function collect(child: ChildProcess, into: string[]) {
+/** Collects a child's stderr JSON log lines into `into` (bounded), emitting 'log-lines' for waitForLog. */
+export function collect(child: ChildProcess, into: string[]) {
   let buf = '';
   child.stderr?.on('data', (d: Buffer) => {
     buf += d;
     const lines = buf.split('\n');
     buf = lines.pop()!;
     into.push(...lines);
+    if (into.length > 200_000) into.splice(0, 100_000);
     child.emit('log-lines');
   });
 }
