@@ -54,12 +54,15 @@ export function payloadChunk(seed: number, offset: number, n: number): Buffer {
 
 const CHUNK = 1 << 16;
 
-/** Streams payload(n, seed) into `s` with backpressure, then ends it unless keepOpen. */
-export async function sendPayload(s: net.Socket, n: number, seed: number, keepOpen = false): Promise<void> {
-  for (let off = 0; off < n; off += CHUNK) {
-    if (!s.write(payloadChunk(seed, off, Math.min(CHUNK, n - off)))) await once(s, 'drain');
+/**
+ * Streams bytes [from, n) of payload(n, seed) into `s` with backpressure, stopping before `to`
+ * (default n); ends it once byte n - 1 is written unless keepOpen. `from` must be 16-byte aligned.
+ */
+export async function sendPayload(s: net.Socket, n: number, seed: number, { keepOpen = false, from = 0, to = n } = {}): Promise<void> {
+  for (let off = from; off < to; off += CHUNK) {
+    if (!s.write(payloadChunk(seed, off, Math.min(CHUNK, to - off)))) await once(s, 'drain');
   }
-  if (!keepOpen) s.end();
+  if (!keepOpen && to >= n) s.end();
 }
 
 /** sha256 of payload(n, seed), computed piecewise. */
