@@ -61,6 +61,8 @@ export interface SwitchStatus extends SwitchSnapshot {
   /** Entries per datapath table, when the datapath counts them (eBPF: flows, legs, stitch_cfg,
    *  stitch_state): legs = 2 x stitch_cfg = 2 x stitch_state when nothing leaks. */
   datapathEntries?: Record<string, number>;
+  /** The datapath's packet counters, when it keeps them (eBPF: docs/datapath.md, `stats`). */
+  datapathStats?: Record<string, number>;
 }
 
 export interface RunningSwitch {
@@ -162,9 +164,9 @@ export async function runSwitch(opts: RunSwitchOptions): Promise<RunningSwitch> 
     async control(request) {
       const op = request && typeof request === 'object' ? request.op : undefined;
       if (op === 'status') {
-        let entries: Record<string, number> | undefined;
-        try { entries = datapath.entries?.(); } catch (err) { log.warn('datapath entries not counted', { err }); }
-        return { ...control.snapshot(), datapath: kind, keyed, ...(entries && { datapathEntries: entries }) } satisfies SwitchStatus;
+        let entries: Record<string, number> | undefined, stats: Record<string, number> | undefined;
+        try { entries = datapath.entries?.(); stats = datapath.stats?.(); } catch (err) { log.warn('datapath entries not counted', { err }); }
+        return { ...control.snapshot(), datapath: kind, keyed, ...(entries && { datapathEntries: entries }), ...(stats && { datapathStats: stats }) } satisfies SwitchStatus;
       }
       throw new InvalidArgumentError(`unknown op ${JSON.stringify(op)}; valid ops: status`);
     },

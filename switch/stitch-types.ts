@@ -78,5 +78,7 @@ export interface Datapath {
   adopted?(): AdoptedStitch[];
   /** Entries per datapath table (eBPF: legs, stitch_cfg, stitch_state, flows), to see nothing leaks. */
   entries?(): Record<string, number>;
+  /** The datapath's packet counters (eBPF: docs/datapath.md, `stats`), summed over CPUs. */
+  stats?(): Record<string, number>;
   close(opts?: DatapathCloseOptions): Promise<void>;
 }

@@ -619,6 +619,28 @@ describe('bpf vectors', function () {
       assert.equal(after.side[SIDE_CORE].shellDropped + after.side[SIDE_CLIENT].shellDropped, 2n);
     });
 
+    it('draining - a shell segment below what C acked to it (its clone was lost) is answered by S for C: the ack and window C gave, back to the shell', () => {
+      // C acked A->C 600 (clamped: the shell sent 500) with window 300<<7; the shell retransmits
+      // 300..399, so it never got that ack. S drops the data and answers from C's side.
+      const answered = () => t.maps.stats().shellAnswered;
+      const before = answered();
+      const cloned = clones(SIDE_CLIENT);
+      const retransmit = w.a2c({ seq: w.sAc(300), ack: w.sC(1100), flags: 'PA', win: 200, payload: 100, options: { ...w.ts(w.ts0.ac + 6, w.ts0.c + 9), sack: [[w.sC(1200), w.sC(1300)]] } });
+      const out = t.vector({
+        description: 'shell retransmission to C', input: retransmit, expectedReturn: TC_ACT_REDIRECT,
+        // from C, at the shell's own ack, TSval = the shell's TSecr, TSecr = its TSval, SACK gone
+        expectedOutput: w.c2a({ seq: w.sC(1100), ack: w.sAc(500), win: (600 + (300 << 7) - 500) >> 7, options: { raw: Buffer.concat([encodeOptions(w.ts(w.ts0.c + 9, w.ts0.ac + 6)), Buffer.alloc(12, 1)]) } }),
+      });
+      assert.equal(parsePacket(out).payload.length, 0);
+      assert.equal(answered() - before, 1, 'one answer counted');
+      const probe = w.a2c({ seq: w.sAc(499), ack: w.sC(1100), win: 200, options: w.ts(w.ts0.ac + 7, w.ts0.c + 9) });
+      t.vector({
+        description: 'shell window probe to C (snd_una - 1)', input: probe, expectedReturn: TC_ACT_REDIRECT,
+        expectedOutput: w.c2a({ seq: w.sC(1100), ack: w.sAc(500), win: (600 + (300 << 7) - 500) >> 7, options: w.ts(w.ts0.c + 9, w.ts0.ac + 7) }),
+      });
+      assert.equal(clones(SIDE_CLIENT), cloned, 'nothing cloned: S answered');
+    });
+
     it('draining - completes once both far ends acked what the shell was handed and the drain held 1 ms; then the shell is silenced', async () => {
       // the shell acks what it was handed on both legs
       t.vector({

@@ -52,7 +52,7 @@ export const DRAIN_HOLD_NS = 1_000_000n;
 /** Indexes of the per-CPU `stats` counters (ST_* in stitch_consts.h). */
 export const STATS = [
   'packets', 'notTcp', 'malformed', 'tracked', 'syn', 'mssClamped', 'translated', 'shellDropped',
-  'shellPassed', 'clones', 'cloneFailed', 'injectedDrops', 'staleGeneration', 'errors', 'icmpTranslated',
+  'shellPassed', 'clones', 'cloneFailed', 'injectedDrops', 'staleGeneration', 'errors', 'icmpTranslated', 'shellAnswered',
 ] as const;
 export type StatName = typeof STATS[number];
 

@@ -100,6 +100,7 @@
 #define ST_STALE_GEN     12  /* leg without a matching commit entry */
 #define ST_ERRORS        13  /* helper failures */
 #define ST_ICMP          14  /* ICMP errors about a stitched flow translated back */
+#define ST_SHELL_ANSWERED 15 /* S answered the shell for a far end: it missed an ack or window (rule 10) */
 #define ST_COUNT         16
 
 #endif

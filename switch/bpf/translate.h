@@ -313,6 +313,54 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 	return bpf_redirect_neigh(out_ifindex(g, sc, o), 0, 0, 0);
 }
 
+/* Empties the SACK option (every byte a NOP). */
+static __always_inline void sack_strip(struct scratch *s)
+{
+	__u32 off = s->p.sack_off, n = s->p.sack_n;
+
+#pragma clang loop unroll(full)
+	for (int i = 0; i < 2 + 8 * SACK_MAX_BLOCKS; i++) {
+		if (i < 2 + 8 * n)
+			s->hdr[HB(off + i)] = TCPOPT_NOP;
+	}
+}
+
+/* Rule 10: S answers the shell's segment p on leg s itself, for far s, with what far s has
+ * acknowledged of the shell's bytes and its window edge, and drops what p carried (far s has it
+ * all). The answer goes back out of the interface p came in on: a pure ACK from far s at the
+ * shell's own rcv_nxt (always acceptable), TSval the shell's own TSecr (its ts_recent: never a
+ * PAWS reject), no SACK. */
+static __always_inline int answer_shell(struct __sk_buff *skb, struct scratch *scr, const struct stitch_cfg *sc,
+					struct stitch_state_side *ss, const struct flow_val *fs, __u32 s)
+{
+	struct pkt *p = &scr->p;
+	__u32 ack = seq_min(READ_ONCE32(ss->ack_far), fs->dir[0].seq_hi);
+	__u32 edge = READ_ONCE32(ss->edge_far);
+
+	if (!(p->flags & TCP_ACK) || (p->flags & (TCP_SYN | TCP_FIN | TCP_RST)))
+		return TC_ACT_SHOT;
+	wr16(scr->hdr, 0, bpf_ntohs(p->dport));
+	wr16(scr->hdr, 2, bpf_ntohs(p->sport));
+	wr32(scr->hdr, 4, p->ack);
+	wr32(scr->hdr, 8, ack);
+	scr->hdr[13] = TCP_ACK;
+	wr16(scr->hdr, 14, clamp_win(edge, ack, sc->side[s & 1].ws_far));
+	if (p->ts_off) {
+		wr32(scr->hdr, p->ts_off + 2, p->tsecr);
+		wr32(scr->hdr, p->ts_off + 6, p->tsval);
+	}
+	if (p->sack_off)
+		sack_strip(scr);
+	seq_raise(&ss->ack_to_shell, ack);
+	seq_raise(&ss->edge_to_shell, edge);
+	stat_inc(ST_SHELL_ANSWERED);
+	if (apply_rewrite(skb, p->daddr, p->saddr, RW_TRIM)) {
+		stat_inc(ST_ERRORS);
+		return TC_ACT_SHOT;
+	}
+	return bpf_redirect_neigh(skb->ifindex, 0, 0, 0);
+}
+
 /* A packet of the shell's own socket on leg s (toward far end s). Silenced once stitched; while
  * draining, its data and the acks that raise what far s has seen go on, rewritten. */
 __attribute__((noinline)) int stitch_from_shell(struct __sk_buff *skb, __u32 id, __u32 s)
@@ -345,6 +393,11 @@ __attribute__((noinline)) int stitch_from_shell(struct __sk_buff *skb, __u32 id,
 		goto drop;
 	track_dir(fs, 0, p, now);
 
+	/* A segment below what far s acknowledged to the shell (a retransmission, or a window probe
+	 * at snd_una - 1): the shell never got that ack or window, its clone was lost, and rule 4
+	 * clones only news, so nothing would repeat it. S answers for far s (rule 10). */
+	if (seq_before(p->seq, READ_ONCE32(ss->ack_to_shell)))
+		return answer_shell(skb, scr, sc, ss, fs, s);
 	d = sc->side[s].seq_delta;
 	/* ack: at least what far o acknowledged of stream s (mapped back to leg s) */
 	nack = seq_max(p->ack, so->ack_far - d);
