@@ -392,10 +392,12 @@ export function statusOf(id: number, st: StitchStateVal, cfgFlags = 0): StitchSt
   else if (st.term & (TERM_RST << SIDE_CLIENT)) { state = 'closed'; reason = 'client-rst'; }
   else if (st.term & (TERM_RST << SIDE_CORE)) { state = 'closed'; reason = 'core-rst'; }
   else if (both(TERM_FIN) && both(TERM_FIN_ACKED)) { state = 'closed'; reason = 'fin'; }
+  // One FIN while the shell still drains is not the end of its part: 'closing' tells the agent the
+  // shell is out of the path, so it waits for the drain.
+  else if (!(st.phase === PHASE_STITCHED || (cfgFlags & STITCH_FORCE_STITCHED) ||
+    (st.phase === PHASE_INSTALLED && (cfgFlags & STITCH_START_STITCHED)))) state = 'draining';
   else if (st.term & ((TERM_FIN << SIDE_CLIENT) | (TERM_FIN << SIDE_CORE))) { state = 'closing'; reason = 'fin'; }
-  else if (st.phase === PHASE_STITCHED || (cfgFlags & STITCH_FORCE_STITCHED) ||
-    (st.phase === PHASE_INSTALLED && (cfgFlags & STITCH_START_STITCHED))) state = 'stitched';
-  else state = 'draining';
+  else state = 'stitched';
   const s: StitchStatus = {
     id, state,
     packetsClientToCore: Number(st.side[SIDE_CLIENT].packets), packetsCoreToClient: Number(st.side[SIDE_CORE].packets),

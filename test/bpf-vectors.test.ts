@@ -17,7 +17,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
   CFG_NO_CLONE, FLOW_ACKED, FLOW_SACK_OK, FLOW_SYN, FLOW_TS_OK, FLOW_WS_OK, PHASE_DRAINING, PHASE_STITCHED,
-  SIDE_CLIENT, SIDE_CORE, TERM_FIN, TERM_FIN_ACKED, TERM_RST, FLOW_KEY_SIZE,
+  SIDE_CLIENT, SIDE_CORE, TERM_FIN, TERM_FIN_ACKED, TERM_RST, FLOW_KEY_SIZE, STITCH_STATE_SIZE, decodeStitchState,
   type FlowVal, type GlobalCfg,
 } from '../switch/bpf/layout.ts';
 import { DEFAULT_CLONE_MARK, STITCH_OBJECT, StitchMaps, openStitchObject, statusOf, type StitchObject } from '../switch/datapath.ts';
@@ -205,6 +205,24 @@ function skipOrFail(ctx: Mocha.Context, why: string): void {
 }
 
 const hasCmd = (c: string) => !spawnSync(c, ['--version'], { stdio: 'ignore' }).error;
+
+describe('statusOf (the switch\'s view of a stitch state entry)', () => {
+  const state = (phase: number, term: number) => {
+    const b = Buffer.alloc(STITCH_STATE_SIZE);
+    b.writeUInt32LE(phase, 8);
+    b.writeUInt32LE(term, 12);
+    return decodeStitchState(b);
+  };
+  it('statusOf - a FIN while the shell still drains keeps the stitch draining; after the drain it is closing', () => {
+    assert.equal(statusOf(1, state(PHASE_DRAINING, TERM_FIN << SIDE_CLIENT)).state, 'draining');
+    assert.deepEqual([statusOf(1, state(PHASE_STITCHED, TERM_FIN << SIDE_CLIENT)).state, statusOf(1, state(PHASE_STITCHED, TERM_FIN << SIDE_CLIENT)).reason], ['closing', 'fin']);
+  });
+  it('statusOf - both FINs acknowledged, or a RST, end the stitch even mid-drain', () => {
+    const fins = (TERM_FIN | TERM_FIN_ACKED) * ((1 << SIDE_CLIENT) | (1 << SIDE_CORE));
+    assert.deepEqual([statusOf(1, state(PHASE_DRAINING, fins)).state, statusOf(1, state(PHASE_DRAINING, fins)).reason], ['closed', 'fin']);
+    assert.equal(statusOf(1, state(PHASE_DRAINING, TERM_RST << SIDE_CORE)).reason, 'core-rst');
+  });
+});
 
 describe('bpf vectors', function () {
   const t = new Harness();
@@ -512,13 +530,14 @@ describe('bpf vectors', function () {
 
     const clones = (s: number) => t.maps.state(w.id)!.side[s]!.clones;
 
-    it('draining - C data below the shell\'s old edge is the shell\'s (cloned); B gets only its ACK (raised to the shell\'s), at B\'s own ack', () => {
+    it('draining - C data below the shell\'s old edge is the shell\'s (cloned); B gets only its ACK (raised to the shell\'s), at the highest seq B was sent', () => {
       const input = w.c2a({ seq: w.sC(1000), ack: w.sAc(250), flags: 'PA', win: 300, payload: 100, options: w.ts(w.ts0.c + 6, w.ts0.ac + 4) });
       // C's ack (A->C byte 250 = B byte 61) is below what the shell acked to B (311): raised; the
       // edge C offered (B byte 61 + 38400) is above the shell's old edge (311 + 25600): kept. The
-      // data stays with the shell; the pure ACK to B sits at what B last acknowledged (core 300).
+      // data stays with the shell; the pure ACK to B sits at the highest byte B was sent (core 637,
+      // within B's last ack 300 and its edge): B may already have acked more than S has seen.
       const expectedOutput = w.a2b({
-        seq: w.sAv(300), ack: w.sB(311), flags: 'A', ttl: 63,
+        seq: w.sAv(637), ack: w.sB(311), flags: 'A', ttl: 63,
         win: (w.iToJ(250) + (300 << 7) - 311) >> 8, options: { ts: [w.tsFromC(w.ts0.c + 6), w.ecrToB(w.ts0.ac + 4)] },
       });
       t.vector({ description: 'C data below the boundary', input, expectedOutput, expectedReturn: TC_ACT_REDIRECT });
@@ -562,12 +581,12 @@ describe('bpf vectors', function () {
       assert.equal(clones(SIDE_CLIENT), 2n);
     });
 
-    it('draining - B data below the shell\'s old edge is cloned; C gets its ACK (raised, edge kept at the shell\'s) at C\'s own ack', () => {
+    it('draining - B data below the shell\'s old edge is cloned; C gets its ACK (raised, edge kept at the shell\'s) at the highest seq C was sent', () => {
       const input = w.b2a({ seq: w.sB(311), ack: w.sAv(300), flags: 'PA', win: 30, payload: 100, options: w.ts(w.ts0.b + 8, w.ts0.av + 4) });
       // B's ack (core byte 300 = client byte 663) is below the shell's ack to C (1000): raised;
       // B's edge (663 + 30720) is below the shell's old edge to C (1000 + 102400): the edge is that
       const expectedOutput = w.a2c({
-        seq: w.sAc(400), ack: w.sC(1000), flags: 'A', ttl: 63, win: (200 << 9) >> 9,
+        seq: w.sAc(500), ack: w.sC(1000), flags: 'A', ttl: 63, win: (200 << 9) >> 9,
         options: { ts: [w.tsFromB(w.ts0.b + 8), w.ecrToC(w.ts0.av + 4)] },
       });
       t.vector({ description: 'B data below the boundary', input, expectedOutput, expectedReturn: TC_ACT_REDIRECT });
@@ -583,11 +602,11 @@ describe('bpf vectors', function () {
         expectedOutput: w.a2b({ seq: w.sAv(w.kToM(k)), ack: w.sB(w.iToJ(600)), flags: 'PA', ttl: 63, payload: 50, win: (300 << 7) >> 8, options: { ts: [w.tsFromC(w.ts0.c + 9), w.ecrToB(w.ts0.ac + 4)] } }),
       });
       assert.equal(clones(SIDE_CLIENT), 3n, 'the ACK part (600, clamped to 500) is new to the shell');
-      // the clone as it re-enters: a pure ACK, seq = the shell's own ack (always acceptable), ack
-      // clamped to what the shell sent (500), payload and PSH gone
+      // the clone as it re-enters: a pure ACK at the highest seq the shell was handed (1100, within
+      // its ack 1000 and its edge), ack clamped to what the shell sent (500), payload and PSH gone
       t.vector({
         description: 'the clone for the shell', input, mark: DEFAULT_CLONE_MARK, expectedReturn: TC_ACT_REDIRECT,
-        expectedOutput: w.c2a({ seq: w.sC(1000), ack: w.sAc(500), flags: 'A', win: 300 + ((600 - 500) >> 7), options: w.ts(w.ts0.c + 9, w.ts0.ac + 4) }),
+        expectedOutput: w.c2a({ seq: w.sC(1100), ack: w.sAc(500), flags: 'A', win: 300 + ((600 - 500) >> 7), options: w.ts(w.ts0.c + 9, w.ts0.ac + 4) }),
       });
     });
 
@@ -639,6 +658,16 @@ describe('bpf vectors', function () {
         expectedOutput: w.c2a({ seq: w.sC(1100), ack: w.sAc(500), win: (600 + (300 << 7) - 500) >> 7, options: w.ts(w.ts0.c + 9, w.ts0.ac + 7) }),
       });
       assert.equal(clones(SIDE_CLIENT), cloned, 'nothing cloned: S answered');
+    });
+
+    it('draining - a pure ACK from B whose seq lies beyond C\'s window (B sent into the shell\'s old edge) is sent to C at C\'s right edge', () => {
+      // B's snd_nxt 50000 maps beyond C's edge (A->C 600 + 300<<7 = 39000): C would discard it, and
+      // the ack of C's bytes it carries with it. Ack raised to the shell's (1100), edge the shell's.
+      t.vector({
+        description: 'B pure ACK, seq beyond C\'s edge', input: w.b2a({ seq: w.sB(50000), ack: w.sAv(300), win: 30, options: w.ts(w.ts0.b + 9, w.ts0.av + 5) }),
+        expectedOutput: w.a2c({ seq: w.sAc(600 + (300 << 7)), ack: w.sC(1100), ttl: 63, win: (1000 + (200 << 9) - 1100) >> 9, options: { ts: [w.tsFromB(w.ts0.b + 9), w.ecrToC(w.ts0.av + 5)] } }),
+        expectedReturn: TC_ACT_REDIRECT,
+      });
     });
 
     it('draining - completes once both far ends acked what the shell was handed and the drain held 1 ms; then the shell is silenced', async () => {

@@ -180,6 +180,7 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
     console.log(`      ${(total / 2 ** 20).toFixed(0)} MiB in ${result.ms} ms; the shell relayed ${(relayed / 2 ** 20).toFixed(0)} MiB; ` +
       `retransmitted segments C ${nc['Tcp.RetransSegs'] ?? 0} B ${nb['Tcp.RetransSegs'] ?? 0}; RTOs C ${nc['TcpExt.TCPTimeouts'] ?? 0} B ${nb['TcpExt.TCPTimeouts'] ?? 0}; ` +
       `PAWS drops C ${nc['TcpExt.PAWSEstab'] ?? 0} B ${nb['TcpExt.PAWSEstab'] ?? 0}; ` +
+      `segments discarded for their seq C ${nc['TcpExt.TCPACKSkippedSeq'] ?? 0} B ${nb['TcpExt.TCPACKSkippedSeq'] ?? 0}; ` +
       `shell segments S answered ${stats?.shellAnswered}`);
     // The translation's own faults: a checksum or a timestamp a far end rejects. A wrong timestamp
     // offset makes a far end reject a whole direction (thousands of PAWS drops within a second, then

@@ -193,7 +193,7 @@ export function decodeStitchCfg(b: Buffer): StitchCfg {
 
 export interface StitchStateSide {
   boundary: number; handed: number; ackFar: number; edgeFar: number; ackSent: number; tsSeen: number;
-  ackToShell: number; edgeToShell: number; finSeq: number;
+  ackToShell: number; edgeToShell: number; finSeq: number; seqSent: number;
   packets: bigint; bytes: bigint; clones: bigint; shellDropped: bigint; shellPassed: bigint;
 }
 
@@ -217,7 +217,7 @@ export function decodeStitchState(b: Buffer): StitchStateVal {
     return {
       boundary: b.readUInt32LE(o), handed: b.readUInt32LE(o + 4), ackFar: b.readUInt32LE(o + 8),
       edgeFar: b.readUInt32LE(o + 12), ackSent: b.readUInt32LE(o + 16), tsSeen: b.readUInt32LE(o + 20),
-      ackToShell: b.readUInt32LE(o + 24), edgeToShell: b.readUInt32LE(o + 28), finSeq: b.readUInt32LE(o + 32),
+      ackToShell: b.readUInt32LE(o + 24), edgeToShell: b.readUInt32LE(o + 28), finSeq: b.readUInt32LE(o + 32), seqSent: b.readUInt32LE(o + 36),
       packets: b.readBigUInt64LE(o + 40), bytes: b.readBigUInt64LE(o + 48), clones: b.readBigUInt64LE(o + 56),
       shellDropped: b.readBigUInt64LE(o + 64), shellPassed: b.readBigUInt64LE(o + 72),
     };

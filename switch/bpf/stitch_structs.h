@@ -103,7 +103,7 @@ struct stitch_state_side {
 	__u32 ack_to_shell;   /* 24 highest ack cloned to the shell on leg s */
 	__u32 edge_to_shell;  /* 28 highest edge cloned to the shell on leg s */
 	__u32 fin_seq;        /* 32 sequence number of far s's FIN (TERM_FIN << s) */
-	__u32 pad;            /* 36 */
+	__u32 seq_sent;       /* 36 highest sequence end sent to far s, by the shell or translated */
 	__u64 packets;        /* 40 packets from far s translated */
 	__u64 bytes;          /* 48 payload bytes from far s translated */
 	__u64 clones;         /* 56 clones of far s's packets sent to the shell */

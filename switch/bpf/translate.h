@@ -29,6 +29,18 @@ static __always_inline __u32 clamp_win(__u32 edge, __u32 ack, __u32 shift)
 	return w > 65535 ? 65535 : w;
 }
 
+/* The sequence number for an ACK S makes up for an end: the highest byte anyone sent it, kept
+ * within [its last ack, its right edge] as S last saw them. A receiver discards a segment whose seq
+ * lies below its rcv_wup (the ack it last sent) with the ACK it carries; its last ack as seen at S
+ * is older whenever a newer one is still on the wire. What anyone sent it is at or above its
+ * rcv_nxt, and inside its window. */
+static __always_inline __u32 made_up_seq(__u32 sent, __u32 ack, __u32 edge)
+{
+	if (seq_after(sent, edge))
+		sent = edge;
+	return seq_before(sent, ack) ? ack : sent;
+}
+
 /* Rewrites the SACK option: every block edge becomes edge - delta; when `lo_on`, blocks that end at
  * or below `lo` are dropped and starts below it raised to it (a far end must never see a block
  * below an ack it was given: it counts it as invalid); when `hi_on`, blocks ending after `hi` are
@@ -106,6 +118,7 @@ static __always_inline __u32 take_snapshot(const struct stitch_cfg *sc, struct s
 		ss->edge_to_shell = f->dir[1].edge_hi;
 		ss->ack_sent = f->dir[0].ack_hi;
 		ss->ts_seen = f->dir[0].tsval_hi;
+		ss->seq_sent = f->dir[0].seq_hi;
 	}
 	st->first_ns = now;
 	next = (sc->flags & STITCH_START_STITCHED) ? PHASE_STITCHED : PHASE_DRAINING;
@@ -263,9 +276,15 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 	if (p->ttl <= 1) /* let the kernel answer "time exceeded" to the sender */
 		return TC_ACT_OK;
 
-	/* sequence space of leg o; the ACK of shell data goes at what far o last acknowledged
-	 * (its rcv_nxt then: always acceptable to it) */
-	nseq = shell_data ? st->side[o].ack_far : p->seq + sc->side[s].seq_delta;
+	/* sequence space of leg o; the ACK of shell data goes at a made-up seq far o accepts */
+	nseq = shell_data ? made_up_seq(READ_ONCE32(st->side[o].seq_sent), READ_ONCE32(st->side[o].ack_far), READ_ONCE32(st->side[o].edge_far))
+			  : p->seq + sc->side[s].seq_delta;
+	if (!shell_data && p->payload)
+		seq_raise(&st->side[o].seq_sent, nseq + p->payload);
+	/* A pure ACK of far s may sit beyond far o's window: far s may have sent up to the shell's old
+	 * edge (rule 5), and those bytes went to the shell. Far o would discard it with its ACK. */
+	if (draining && !p->payload && !(p->flags & (TCP_FIN | TCP_RST)))
+		nseq = made_up_seq(nseq, READ_ONCE32(st->side[o].ack_far), READ_ONCE32(st->side[o].edge_far));
 	wr32(scr->hdr, 4, nseq);
 	if (shell_data)
 		scr->hdr[13] = p->flags & ~(TCP_PSH | TCP_URG);
@@ -416,6 +435,8 @@ __attribute__((noinline)) int stitch_from_shell(struct __sk_buff *skb, __u32 id,
 	if (p->sack_off)
 		sack_rewrite(scr, 0, nack, 1, ss->boundary, 1);
 
+	if (p->payload)
+		seq_raise(&ss->seq_sent, p->seq + p->payload);
 	__sync_fetch_and_add(&ss->shell_passed, 1);
 	stat_inc(ST_SHELL_PASSED);
 	drain_check(sc, st, now);
@@ -433,7 +454,7 @@ drop:
 /* A clone of far s's packet, re-entering with the clone mark, on its way to the shell's socket on
  * leg s: its ack clamped to what the shell sent, its window edge kept, SACK blocks the shell cannot
  * know dropped; data the shell needs (below its old edge) kept, otherwise trimmed to a pure ACK
- * whose seq is the shell's own ack (always acceptable to it). FIN/RST never reach the shell. */
+ * at a made-up seq the shell accepts. FIN/RST never reach the shell. */
 __attribute__((noinline)) int handle_clone(struct __sk_buff *skb)
 {
 	struct scratch *scr = get_scratch();
@@ -478,8 +499,8 @@ __attribute__((noinline)) int handle_clone(struct __sk_buff *skb)
 	scr->hdr[13] = p->flags & ~(TCP_FIN | TCP_RST | TCP_SYN | TCP_URG | (data ? 0 : TCP_PSH));
 	if (p->sack_off) /* blocks about bytes the shell never sent would be invalid to it */
 		sack_rewrite(scr, 0, nack, 1, snd_nxt, 1);
-	if (!data)
-		wr32(scr->hdr, 4, fs->dir[0].ack_hi);
+	if (!data) /* the shell has had (at most) what S handed it */
+		wr32(scr->hdr, 4, made_up_seq(READ_ONCE32(st->side[s].handed), fs->dir[0].ack_hi, fs->dir[0].edge_hi));
 	ifx = sc->shell_ifindex ? sc->shell_ifindex : g->shell_ifindex;
 	if (apply_rewrite(skb, p->saddr, p->daddr, data ? 0 : RW_TRIM)) {
 		stat_inc(ST_ERRORS);
