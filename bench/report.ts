@@ -124,7 +124,7 @@ function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
   const rv = verdict(measured, 0, 'lower', ' RTO', 0);
   const stalls = h.stalled.stitched ? `; ${h.stalled.stitched} of ${h.stitchedRuns} stitched runs stalled (${h.stalled.control} of ${h.controlRuns} without a stitch)` : '';
   out.push({ figure: 'retransmission timeouts in loaded runs with a stitch (C + B)', measured: Number.isFinite(measured) ? `${rto} (same load unstitched: ${rtoCtl})${stalls}` : 'n/a', target: '0', ...rv, value: measured,
-    ...(rv.met === false && { why: (rto > rtoCtl ? 'more than the same load without a stitch: caused by the handover' : 'no more than the same load causes without a stitch') + (stalls ? `; a stalled connection retransmits into a dead path until the bench gives up on it` : '') }) });
+    ...(rv.met === false && { why: (rto > rtoCtl ? 'more than the same load without a stitch: caused by the handover. Packet captures at C (docs/handover.md, Open): a sender\'s cumulative ack cannot pass what the shell acknowledged until the shell has relayed its backlog, so a drain longer than the sender\'s RTO (200 ms) times it out with everything SACKed; and ACKs reordered by ≥ 2 ms across the veths\' per-CPU queues are dropped as PAWS-old' : 'no more than the same load causes without a stitch') + (stalls ? `; a stalled connection retransmits into a dead path until the bench gives up on it` : '') }) });
   const ins = raw.installs;
   const single = ins?.single.perSecond ?? NaN;
   out.push({ figure: 'stitch installs/s, datapath (StitchMaps.install, one at a time)', measured: f(single, 0), target: '≥ 10,000', ...verdict(single, 10_000, 'higher', '/s', 0), value: single });

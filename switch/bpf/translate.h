@@ -41,6 +41,21 @@ static __always_inline __u32 made_up_seq(__u32 sent, __u32 ack, __u32 edge)
 	return seq_before(sent, ack) ? ack : sent;
 }
 
+/* Shrinks the SACK option to its first `kept` blocks: the rest become NOPs; with none kept, the
+ * whole option does. */
+static __always_inline void sack_keep(struct scratch *s, __u32 kept)
+{
+	__u32 off = s->p.sack_off, n = s->p.sack_n;
+
+#pragma clang loop unroll(full)
+	for (int i = 0; i < 2 + 8 * SACK_MAX_BLOCKS; i++) {
+		if (i < 2 + 8 * n && (kept == 0 || i >= 2 + 8 * kept))
+			s->hdr[HB(off + i)] = TCPOPT_NOP;
+	}
+	if (kept)
+		s->hdr[HB(off + 1)] = 2 + 8 * kept;
+}
+
 /* Rewrites the SACK option: every block edge becomes edge - delta; when `lo_on`, blocks that end at
  * or below `lo` are dropped and starts below it raised to it (a far end must never see a block
  * below an ack it was given: it counts it as invalid); when `hi_on`, blocks ending after `hi` are
@@ -67,16 +82,8 @@ static __always_inline __u32 sack_rewrite(struct scratch *s, __u32 delta, __u32 
 			kept++;
 		}
 	}
-	if (kept == n)
-		return kept;
-	/* NOP out what is no longer used; without blocks, the whole option */
-#pragma clang loop unroll(full)
-	for (int i = 0; i < 2 + 8 * SACK_MAX_BLOCKS; i++) {
-		if (i < 2 + 8 * n && (kept == 0 || i >= 2 + 8 * kept))
-			s->hdr[HB(off + i)] = TCPOPT_NOP;
-	}
-	if (kept)
-		s->hdr[HB(off + 1)] = 2 + 8 * kept;
+	if (kept != n)
+		sack_keep(s, kept);
 	return kept;
 }
 
@@ -332,18 +339,6 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 	return bpf_redirect_neigh(out_ifindex(g, sc, o), 0, 0, 0);
 }
 
-/* Empties the SACK option (every byte a NOP). */
-static __always_inline void sack_strip(struct scratch *s)
-{
-	__u32 off = s->p.sack_off, n = s->p.sack_n;
-
-#pragma clang loop unroll(full)
-	for (int i = 0; i < 2 + 8 * SACK_MAX_BLOCKS; i++) {
-		if (i < 2 + 8 * n)
-			s->hdr[HB(off + i)] = TCPOPT_NOP;
-	}
-}
-
 /* Rule 10: S answers the shell's segment p on leg s itself, for far s, with what far s has
  * acknowledged of the shell's bytes and its window edge, and drops what p carried (far s has it
  * all). The answer goes back out of the interface p came in on: a pure ACK from far s at the
@@ -369,7 +364,7 @@ static __always_inline int answer_shell(struct __sk_buff *skb, struct scratch *s
 		wr32(scr->hdr, p->ts_off + 6, p->tsval);
 	}
 	if (p->sack_off)
-		sack_strip(scr);
+		sack_keep(scr, 0);
 	seq_raise(&ss->ack_to_shell, ack);
 	seq_raise(&ss->edge_to_shell, edge);
 	stat_inc(ST_SHELL_ANSWERED);
