@@ -1,9 +1,10 @@
 // The handover under load: `conns` connections through the load shell, each sending `size` bytes each
 // way at full speed (test/fixtures/load-client.ts in C against test/fixtures/echo-backend.ts behind
 // the core), all stitched at once (the request `tcp-stitch stitch --all` sends) once every one of
-// them is moving data both ways (1 MiB moved each way). Runs alternate with the same load left on the shell path, so the
-// retransmissions and retransmission timeouts (netstat at C and B, before/after) a stitch causes
-// can be told from those the load causes anyway.
+// them is moving data both ways (1 MiB moved each way). Runs alternate with the same load left on
+// the shell path, and with the same load stitched while idle before it began (nothing in the shell,
+// no drain), so the retransmissions and retransmission timeouts (netstat at C and B, before/after)
+// the handover causes can be told from those the load causes anyway on either path.
 //
 // Handover time, per connection:
 //  - shell: "connection phase" to "stitching" (the decision) -> to "stitched" (phase 3), from the
@@ -27,6 +28,8 @@ type Counters = Record<(typeof COUNTERS)[number], number>;
 
 export interface HandoverRun {
   stitched: boolean; round: number; conns: number; sizeBytes: number;
+  /** Stitched while idle, before the load started: the RTOs the stitched path has without a handover. */
+  fromStart?: boolean;
   /** Load duration (load-client's own figure) and whether every byte arrived exactly. */
   loadMs: number; exact: boolean;
   /** Counter deltas over the run, at C and at B. */
@@ -143,20 +146,34 @@ function shellHandover(lines: string[], switchLines: string[], ids: Set<string>)
 /** How long a load may take before its run is declared stalled. */
 const LOAD_TIMEOUT_MS = 30_000;
 
-async function one(bed: Bed, round: number, stitch: boolean, conns: number, size: number): Promise<HandoverRun> {
+/** mid-load: stitched once each connection moved 1 MiB each way; none: left on the shell path;
+ *  from-start: stitched idle, then the load (load-client --wait), so no byte is in the shell. */
+async function one(bed: Bed, round: number, mode: 'mid-load' | 'none' | 'from-start', conns: number, size: number): Promise<HandoverRun> {
+  const stitch = mode === 'mid-load';
   const pair = bed.pairs.load;
   const old = await settle(pair);
   const swLogsFrom = bed.sw.logs.length;
   const before = await netstat(bed);
-  const client = nodeInNs(bed.topo.c, 'test/fixtures/load-client.ts', [bed.topo.a.addr, String(PORTS.shell.load), String(conns), String(size)], { stdio: ['ignore', 'pipe', 'pipe'] });
-  const done = waitForLine(client, /^\{/, LOAD_TIMEOUT_MS);
+  const fromStart = mode === 'from-start';
+  const client = nodeInNs(bed.topo.c, 'test/fixtures/load-client.ts', [bed.topo.a.addr, String(PORTS.shell.load), String(conns), String(size), ...(fromStart ? ['--wait'] : [])],
+    { stdio: [fromStart ? 'pipe' : 'ignore', 'pipe', 'pipe'] });
+  const ready = fromStart ? waitForLine(client, /^ready$/, 60_000) : undefined;
+  ready?.catch(() => undefined);
+  const done = waitForLine(client, /^\{/, LOAD_TIMEOUT_MS + (fromStart ? 60_000 : 0));
   done.catch(() => undefined);
-  const run: HandoverRun = { stitched: stitch, round, conns, sizeBytes: size, loadMs: NaN, exact: false, c: {} as Counters, b: {} as Counters };
+  const run: HandoverRun = { stitched: stitch || fromStart, ...(fromStart && { fromStart }), round, conns, sizeBytes: size, loadMs: NaN, exact: false, c: {} as Counters, b: {} as Counters };
   try {
+    if (fromStart) {
+      await ready;
+      const { outcomes } = await stitchAllDirect(pair);
+      const ok = outcomes.filter((o) => o.ok).length;
+      if (ok < conns) run.note = `${conns - ok} of ${conns} idle connections not stitched`;
+      client.stdin!.end('go\n');
+    }
     // Stitch (or, for the comparison run, do nothing) once every connection moves data both ways.
     const seen = new Set<string>();
     const mine = (cs: ConnView[]) => cs.filter((c) => !old.has(c.id));
-    const loaded = mine(await untilStatus(pair, (all) => {
+    const loaded = fromStart ? [] : mine(await untilStatus(pair, (all) => {
       const cs = mine(all);
       for (const c of cs) seen.add(c.id);
       return seen.size === conns && cs.every((c) => c.clientEnded || c.coreEnded || (c.state === 'relaying' && Math.min(c.bytesFromClient, c.bytesFromCore) >= 1 << 20));
@@ -201,11 +218,11 @@ async function one(bed: Bed, round: number, stitch: boolean, conns: number, size
 export async function measureHandover(bed: Bed, rounds: number, conns: number, size: number): Promise<HandoverRun[]> {
   const runs: HandoverRun[] = [];
   for (let round = 0; round < rounds; round++) {
-    for (const stitch of [true, false]) {
-      const r = await one(bed, round, stitch, conns, size);
+    for (const mode of ['mid-load', 'none', 'from-start'] as const) {
+      const r = await one(bed, round, mode, conns, size);
       runs.push(r);
       const s = r.stitch;
-      say(`handover round ${round + 1}/${rounds} ${stitch ? 'stitched ' : 'no stitch'}: ${r.error ? `FAILED: ${r.error}` : `${conns} x ${size >> 20} MiB each way in ${r.loadMs} ms, exact ${r.exact}`}` +
+      say(`handover round ${round + 1}/${rounds} ${mode.padEnd(10)}: ${r.error ? `FAILED: ${r.error}` : `${conns} x ${size >> 20} MiB each way in ${r.loadMs} ms, exact ${r.exact}`}` +
         `; retrans C ${r.c['Tcp.RetransSegs']} B ${r.b['Tcp.RetransSegs']}, RTOs C ${r.c['TcpExt.TCPTimeouts']} B ${r.b['TcpExt.TCPTimeouts']}` +
         (s ? `; stitch call ${s.callMs.toFixed(0)} ms, ${s.ok}/${conns} ok, shell max ${Math.max(...s.shellMs)} ms, datapath max ${Math.max(...s.datapathMs).toFixed(2)} ms` : '') +
         (r.note ? `; ${r.note}` : '') + (r.leftAtShell ? `; ${r.leftAtShell} connections still at the shell 5 s after the load` : ''));
