@@ -1,5 +1,5 @@
-// TCP round trip (1-byte ping-pong over one connection, bench/fixtures/rtt-client.ts against
-// test/fixtures/rtt.ts's echo server on B): routed, through the shell (phase 2), and stitched (the
+// TCP round trip (1-byte ping-pong over one connection, test/fixtures/rtt.ts's client --wait against
+// its echo server on B): routed, through the shell (phase 2), and stitched (the
 // connection is stitched before the first ping).
 import { JsonProc } from '../test/bed.ts';
 import { nodeInNs } from '../test/hosts.ts';
@@ -8,7 +8,7 @@ import { PORTS, stitchAllDirect, untilStatus, type Bed } from './bed.ts';
 export interface Rtt { n: number; p50Us: number; p99Us: number }
 
 async function one(bed: Bed, host: string, port: number, n: number, stitch: boolean): Promise<Rtt> {
-  const p = new JsonProc('rtt client', nodeInNs(bed.topo.c, 'bench/fixtures/rtt-client.ts', [host, String(port), String(n)], { stdio: ['pipe', 'pipe', 'pipe'] }));
+  const p = new JsonProc('rtt client', nodeInNs(bed.topo.c, 'test/fixtures/rtt.ts', ['client', host, String(port), String(n), '--wait'], { stdio: ['pipe', 'pipe', 'pipe'] }));
   try {
     const conn = await p.wait((o) => o.event === 'connected', 'connected');
     if (stitch) {

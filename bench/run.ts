@@ -5,7 +5,7 @@
 //   bench/bed.ts         the topology and everything started on it (switch, cores, shells, HAProxy)
 //   bench/throughput.ts  routed / routed + B relay / shell relay / stitched / HAProxy, both ways,
 //                        shell CPU per GiB in phase 2 and 3
-//   bench/rtt.ts         round trip routed / relayed / stitched (bench/fixtures/rtt-client.ts)
+//   bench/rtt.ts         round trip routed / relayed / stitched (test/fixtures/rtt.ts)
 //   bench/handover.ts    stitching loaded connections: handover time, retransmissions, RTOs
 //   bench/installs.ts    stitch installs per second (datapath maps, control protocol)
 //   bench/diagnose.ts    which half of the drain condition a stuck stitch waits on (switch log)
