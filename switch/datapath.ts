@@ -389,9 +389,11 @@ export function statusOf(id: number, st: StitchStateVal, cfgFlags = 0): StitchSt
   let reason: string | undefined;
   const both = (bit: number) => (st.term & (bit << SIDE_CLIENT)) && (st.term & (bit << SIDE_CORE));
   if (st.phase === PHASE_FAILED) { state = 'failed'; reason = 'untracked-leg'; }
+  // Both FINs acknowledged: every byte arrived both ways, the end was clean. A RST after that (a
+  // late duplicate reaching a socket already closed) changes nothing for either end.
+  else if (both(TERM_FIN) && both(TERM_FIN_ACKED)) { state = 'closed'; reason = 'fin'; }
   else if (st.term & (TERM_RST << SIDE_CLIENT)) { state = 'closed'; reason = 'client-rst'; }
   else if (st.term & (TERM_RST << SIDE_CORE)) { state = 'closed'; reason = 'core-rst'; }
-  else if (both(TERM_FIN) && both(TERM_FIN_ACKED)) { state = 'closed'; reason = 'fin'; }
   // One FIN while the shell still drains is not the end of its part: 'closing' tells the agent the
   // shell is out of the path, so it waits for the drain.
   else if (!(st.phase === PHASE_STITCHED || (cfgFlags & STITCH_FORCE_STITCHED) ||

@@ -222,6 +222,11 @@ describe('statusOf (the switch\'s view of a stitch state entry)', () => {
     assert.deepEqual([statusOf(1, state(PHASE_DRAINING, fins)).state, statusOf(1, state(PHASE_DRAINING, fins)).reason], ['closed', 'fin']);
     assert.equal(statusOf(1, state(PHASE_DRAINING, TERM_RST << SIDE_CORE)).reason, 'core-rst');
   });
+  it('statusOf - a RST after both FINs were acknowledged does not turn a clean end into a reset', () => {
+    const fins = (TERM_FIN | TERM_FIN_ACKED) * ((1 << SIDE_CLIENT) | (1 << SIDE_CORE));
+    assert.deepEqual([statusOf(1, state(PHASE_STITCHED, fins | (TERM_RST << SIDE_CORE))).state, statusOf(1, state(PHASE_STITCHED, fins | (TERM_RST << SIDE_CORE))).reason], ['closed', 'fin']);
+    assert.equal(statusOf(1, state(PHASE_STITCHED, (TERM_FIN << SIDE_CLIENT) | (TERM_RST << SIDE_CORE))).reason, 'core-rst', 'a RST before the end is a reset');
+  });
 });
 
 describe('bpf vectors', function () {
