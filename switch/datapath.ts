@@ -249,6 +249,9 @@ function openPinned(pinDir: string, fds: number[], adopting: boolean): { progFd:
   return { progFd, maps };
 }
 
+const missingObject = (obj: string) =>
+  new DatapathError(`eBPF object ${obj} is missing: build it with \`npm run build\` (make -C switch/bpf; needs clang, libbpf-dev)`);
+
 /**
  * Loads the stitch object and pins it (prog + maps) in a private directory under `bpffs` (or a
  * bpffs it mounts), or in the stable directory `persistentName`, where an earlier daemon's pinned
@@ -267,7 +270,7 @@ export async function openStitchObject(opts: OpenStitchObjectOptions = {}): Prom
     if (!isBpffs(base)) throw new InvalidArgumentError(`bpffs ${base} is not a mounted bpf filesystem; mount one (mount -t bpf bpf ${base}) or leave the option out`);
   }
   if (base === undefined) {
-    if (!existsSync(obj)) throw new DatapathError(`eBPF object ${obj} is missing: build it with \`npm run build\` (make -C switch/bpf; needs clang, libbpf-dev)`);
+    if (!existsSync(obj)) throw missingObject(obj);
     mounted = `/run/tcp-stitch/bpffs-${tag}`;
     mkdirSync(mounted, { recursive: true });
     await sh('mount', ['-t', 'bpf', 'bpf', mounted]);
@@ -283,7 +286,7 @@ export async function openStitchObject(opts: OpenStitchObjectOptions = {}): Prom
     adopting = existsSync(join(pinDir, 'prog')) || mapPins.length > 0;
     if (!adopting) rmSync(pinDir, { recursive: true, force: true });
   }
-  if (!adopting && !existsSync(obj)) throw new DatapathError(`eBPF object ${obj} is missing: build it with \`npm run build\` (make -C switch/bpf; needs clang, libbpf-dev)`);
+  if (!adopting && !existsSync(obj)) throw missingObject(obj);
   const progPath = join(pinDir, 'prog');
   const fds: number[] = [];
   const owner = marker.owner();

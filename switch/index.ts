@@ -165,7 +165,7 @@ export async function runSwitch(opts: RunSwitchOptions): Promise<RunningSwitch> 
       const op = request && typeof request === 'object' ? request.op : undefined;
       if (op === 'status') {
         let entries: Record<string, number> | undefined, stats: Record<string, number> | undefined;
-        try { entries = datapath.entries?.(); stats = datapath.stats?.(); } catch (err) { log.warn('datapath entries not counted', { err }); }
+        try { entries = datapath.entries?.(); stats = datapath.stats?.(); } catch (err) { log.warn('datapath entries or counters not read', { err }); }
         return { ...control.snapshot(), datapath: kind, keyed, ...(entries && { datapathEntries: entries }), ...(stats && { datapathStats: stats }) } satisfies SwitchStatus;
       }
       throw new InvalidArgumentError(`unknown op ${JSON.stringify(op)}; valid ops: status`);

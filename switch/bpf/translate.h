@@ -283,15 +283,19 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 	if (p->ttl <= 1) /* let the kernel answer "time exceeded" to the sender */
 		return TC_ACT_OK;
 
-	/* sequence space of leg o; the ACK of shell data goes at a made-up seq far o accepts */
-	nseq = shell_data ? made_up_seq(READ_ONCE32(st->side[o].seq_sent), READ_ONCE32(st->side[o].ack_far), READ_ONCE32(st->side[o].edge_far))
-			  : p->seq + sc->side[s].seq_delta;
-	if (!shell_data && p->payload)
-		seq_raise(&st->side[o].seq_sent, nseq + p->payload);
-	/* A pure ACK of far s may sit beyond far o's window: far s may have sent up to the shell's old
-	 * edge (rule 5), and those bytes went to the shell. Far o would discard it with its ACK. */
-	if (draining && !p->payload && !(p->flags & (TCP_FIN | TCP_RST)))
-		nseq = made_up_seq(nseq, READ_ONCE32(st->side[o].ack_far), READ_ONCE32(st->side[o].edge_far));
+	nseq = p->seq + sc->side[s].seq_delta; /* sequence space of leg o */
+	if (draining) {
+		struct stitch_state_side *to = &st->side[o];
+
+		if (!shell_data && p->payload)
+			seq_raise(&to->seq_sent, nseq + p->payload);
+		/* Made-up seqs far o accepts (rule 2): the ACK of shell data, and a pure ACK of far s,
+		 * which may sit beyond far o's window (far s may have sent up to the shell's old edge,
+		 * rule 5, and those bytes went to the shell). */
+		if (shell_data || (!p->payload && !(p->flags & (TCP_FIN | TCP_RST))))
+			nseq = made_up_seq(shell_data ? READ_ONCE32(to->seq_sent) : nseq,
+					   READ_ONCE32(to->ack_far), READ_ONCE32(to->edge_far));
+	}
 	wr32(scr->hdr, 4, nseq);
 	if (shell_data)
 		scr->hdr[13] = p->flags & ~(TCP_PSH | TCP_URG);
