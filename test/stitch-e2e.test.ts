@@ -183,16 +183,18 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
       `segments discarded for their seq C ${nc['TcpExt.TCPACKSkippedSeq'] ?? 0} B ${nb['TcpExt.TCPACKSkippedSeq'] ?? 0}; ` +
       `shell segments S answered ${stats?.shellAnswered}`);
     // The translation's own faults: a checksum or a timestamp a far end rejects. A wrong timestamp
-    // offset makes a far end reject a whole direction (thousands of PAWS drops within a second, then
-    // a stall). A few drops remain under this load for another reason, seen in packet captures at B:
-    // one flow's packets split across the two CPUs' backlogs on the veths and arrive up to a few ms
-    // out of order, so a segment stamped 2 ms earlier lands after a later one. Those stay below one
-    // in 10,000 segments received (0-84 in 2.5 M here); the bound catches the translation fault.
+    // offset makes a far end reject much of a direction: B's TSvals put 20 ms behind on purpose gave
+    // 4,608 PAWS drops in 494,056 segments at C (93 per 10,000) and 1,780 RTOs in this 0.5%-loss test.
+    // Plain kernel TCP drops a few too: one flow's packets split across the two CPUs' backlogs on
+    // these veths and arrive up to a few ms out of order, so a segment stamped earlier can land after
+    // a retransmission stamped later. Routed, never stitched, 20 iperf3 flows each way with the same
+    // 0.5% loss: 0 in 4 of 5 runs, then 103 in 802,677 at C and 443 in 5,065,980 at B (1.3 per
+    // 10,000). The bound sits between the two, at 10 per 10,000.
     assert.equal(nc['Tcp.InCsumErrors'] ?? 0, 0, 'no checksum error at C');
     assert.equal(nb['Tcp.InCsumErrors'] ?? 0, 0, 'no checksum error at B');
     for (const [name, ns] of [['C', nc], ['B', nb]] as const) {
       const paws = ns['TcpExt.PAWSEstab'] ?? 0, segs = ns['Tcp.InSegs'] ?? 0;
-      assert.ok(paws * 10_000 < segs, `PAWS drops at ${name}: ${paws} of ${segs} segments received (a timestamp translation fault)`);
+      assert.ok(paws * 1_000 < segs, `PAWS drops at ${name}: ${paws} of ${segs} segments received (a timestamp translation fault)`);
     }
     return { nc, nb };
   }
