@@ -67,8 +67,9 @@ export interface AgentOptions {
   };
   /** Directory of the persisted settings. Default: the user config directory, and only when controlPath is given. */
   settingsDir?: string;
-  /** How long a stitch may stay 'draining' before the agent gives up on the handover. Default 60 000 ms. */
-  stitchTimeoutMs?: number;
+  /** How long a stitch may stay 'draining' before the agent warns that the handover is slow. It
+   *  keeps waiting: a connection the switch has redirected cannot go back to the shell path. Default 10 000 ms. */
+  drainWarnMs?: number;
 }
 
 /** A stitch this agent installed: to re-install after a switch restart, and to end at its NOTIFY. */
@@ -228,8 +229,8 @@ function checkOptions(opts: AgentOptions): void {
   ms(d.waitMs, 'waitMs', 1);
   ms(d.rediscoverMs, 'rediscoverMs', 0);
   ms(d.interfacePollMs, 'interfacePollMs', 0);
-  if (opts.stitchTimeoutMs !== undefined && (typeof opts.stitchTimeoutMs !== 'number' || !(opts.stitchTimeoutMs >= 1 && opts.stitchTimeoutMs <= 3_600_000))) {
-    throw new InvalidArgumentError(`stitchTimeoutMs must be a number of milliseconds from 1 to 3600000, got ${String(opts.stitchTimeoutMs)}`);
+  if (opts.drainWarnMs !== undefined && (typeof opts.drainWarnMs !== 'number' || !(opts.drainWarnMs >= 1 && opts.drainWarnMs <= 3_600_000))) {
+    throw new InvalidArgumentError(`drainWarnMs must be a number of milliseconds from 1 to 3600000, got ${String(opts.drainWarnMs)}`);
   }
   if (d.nextHopProbe !== undefined && !['when-unclear', 'always', 'never'].includes(d.nextHopProbe)) {
     throw new InvalidArgumentError(`discovery.nextHopProbe must be "when-unclear", "always" or "never", got ${JSON.stringify(d.nextHopProbe)}`);
@@ -274,7 +275,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
   #fingerprint = '';
   #started = false;
   #closed = false;
-  readonly #stitchTimeoutMs: number;
+  readonly #drainWarnMs: number;
   #closing?: Promise<void>;
 
   constructor(opts: AgentOptions) {
@@ -286,7 +287,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
     if (opts.keys?.length) this.#key = opts.keys[0];
     this.#mode = opts.switch.mode;
     this.#waitMs = opts.discovery?.waitMs ?? DEFAULT_WAIT_MS;
-    this.#stitchTimeoutMs = opts.stitchTimeoutMs ?? 60_000;
+    this.#drainWarnMs = opts.drainWarnMs ?? 10_000;
     // Sync and up front, so a bad policy file stops the shell at start with the offending field.
     const policy = opts.policyFile !== undefined ? loadPolicyFile(opts.policyFile) : defaultPolicy();
     this.#policy = createPolicyEngine({ policy, ...(opts.policyFile !== undefined && { file: opts.policyFile }), logger: this.#log });
@@ -648,8 +649,11 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
 
   /**
    * The shell calls this to move a connection to phase 3. Resolves once the switch reports the
-   * drain complete ('stitched'); rejects when it refuses, fails the stitch, or stays silent for
-   * stitchTimeoutMs (the switch died mid-handover: the shell keeps relaying what reaches it).
+   * drain complete ('stitched'); rejects when it refuses or fails the stitch, or stops answering
+   * mid-handover (the shell keeps relaying what reaches it). A slow drain is waited for, with a
+   * warning after drainWarnMs: it lasts as long as the shell needs to relay its backlog (a client
+   * that stops reading stops it), and the switch has already sent the far ends' new bytes past
+   * the shell, so the shell path cannot carry the connection any more.
    */
   readonly #stitcher: Stitcher = async ({ connection, mapping, end }) => {
     const why = this.#unavailable();
@@ -671,14 +675,12 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
     if (r.state !== 'draining') return;
     await new Promise<void>((resolve, reject) => {
       // The NOTIFY normally ends the wait; a QUERY each second covers one that was lost, and tells a
-      // switch that is gone (three unanswered) from a drain that is slow: the drain lasts as long as
-      // the shell needs to relay its backlog (socket buffers), seconds for many loaded connections.
-      const started = Date.now();
+      // switch that is gone (three unanswered) from a drain that is slow.
       let unanswered = 0;
+      const slow = setTimeout(() => this.#log.warn('handover slow: the switch still drains the stitch; waiting for it', {
+        connectionId: connection.id, stitchId: r.id, afterMs: this.#drainWarnMs, bytesFromClient: connection.bytesFromClient, bytesFromCore: connection.bytesFromCore,
+      }), this.#drainWarnMs);
       const check = setInterval(() => {
-        if (Date.now() - started >= this.#stitchTimeoutMs) {
-          return s.settled?.(new SwitchError(`the switch did not report stitch ${r.id} drained within ${this.#stitchTimeoutMs} ms`));
-        }
         client.query(r.id).then((rec) => {
           unanswered = 0;
           if (rec.status.state !== 'draining' && s.settled) this.#onNotify(rec.status);
@@ -686,7 +688,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
           if (++unanswered >= 3) s.settled?.(new SwitchError(`the switch stopped answering during the handover of stitch ${r.id}: ${err.message}`));
         });
       }, 1000);
-      s.settled = (err) => { clearInterval(check); delete s.settled; if (err) reject(err); else resolve(); };
+      s.settled = (err) => { clearInterval(check); clearTimeout(slow); delete s.settled; if (err) reject(err); else resolve(); };
     });
   };
 

@@ -13,6 +13,8 @@ export interface TableDatapathInit {
   translations?: Translation[];            // default [] (incapable)
   /** Has the datapath "seen" this stitch's handshakes? Default: yes for every stitch. */
   tracked?: (spec: StitchSpec) => boolean;
+  /** The state a fresh install reports (tests of a slow drain). Default 'stitched'. */
+  installState?: StitchState;
   /** Make install fail with a datapath error (tests). */
   failInstall?: (spec: StitchSpec) => boolean;
   /** Stitches "left by an earlier daemon": installed from the start (state 'stitched', or as given)
@@ -74,7 +76,7 @@ export function createTableDatapath(init: TableDatapathInit = {}): TableDatapath
       if (init.failInstall?.(spec)) throw new DatapathError(`stitch ${spec.id}: simulated datapath failure`);
       stitches.set(spec.id, structuredClone(spec));
       statuses.set(spec.id, {
-        id: spec.id, state: 'stitched', packetsClientToCore: 0, packetsCoreToClient: 0,
+        id: spec.id, state: init.installState ?? 'stitched', packetsClientToCore: 0, packetsCoreToClient: 0,
         bytesClientToCore: 0, bytesCoreToClient: 0, shellPacketsDropped: 0,
       });
       installs++;

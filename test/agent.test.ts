@@ -16,7 +16,7 @@ import { Writable } from 'node:stream';
 import winston from 'winston';
 import { createCore, createShell, type ConnectionPhaseMessage, type Core, type Shell, type StitchDecisionMessage } from '../sdk/index.ts';
 import { createAgent, parseSwitchMode, type Agent, type AgentOptions, type AgentStatus, type StitchOutcome } from '../agent/index.ts';
-import { ALL_TRANSLATIONS, createTableDatapath, runSwitch, type Key, type RunningSwitch, type SwitchStatus } from '../switch/index.ts';
+import { ALL_TRANSLATIONS, createTableDatapath, runSwitch, type Key, type RunningSwitch, type StitchState, type SwitchStatus, type TableDatapath } from '../switch/index.ts';
 import { activeResources, projectTimers } from './helpers.ts';
 
 const KEY: Key = { id: 42, secret: Buffer.alloc(32, 0x5a) };
@@ -77,10 +77,10 @@ async function bed(logger: winston.Logger): Promise<Bed> {
 }
 
 /** A capable reference switch on lo (all translations, every leg tracked). */
-async function capableSwitch(logger: winston.Logger, port = 0): Promise<RunningSwitch & { datapathClose(): Promise<void> }> {
-  const datapath = createTableDatapath({ translations: ALL_TRANSLATIONS, tracked: () => true });
+async function capableSwitch(logger: winston.Logger, port = 0, installState?: StitchState): Promise<RunningSwitch & { datapath: TableDatapath; datapathClose(): Promise<void> }> {
+  const datapath = createTableDatapath({ translations: ALL_TRANSLATIONS, tracked: () => true, ...(installState && { installState }) });
   const sw = await runSwitch({ shellIface: 'lo', keys: [KEY], datapath, port, logger });
-  return Object.assign(sw, { datapathClose: () => datapath.close() });
+  return Object.assign(sw, { datapath, datapathClose: () => datapath.close() });
 }
 
 const switchStatus = async (sw: RunningSwitch) => (await sw.control({ op: 'status' })) as SwitchStatus;
@@ -108,7 +108,7 @@ describe('agent - parseSwitchMode', () => {
 describe('agent (loopback)', function () {
   let b: Bed | undefined;
   let agent: Agent | undefined;
-  let sw: (RunningSwitch & { datapathClose(): Promise<void> }) | undefined;
+  let sw: Awaited<ReturnType<typeof capableSwitch>> | undefined;
   let dir: string | undefined;
   let log: ReturnType<typeof captureLogger>;
   let baseline: Record<string, number>;
@@ -214,10 +214,27 @@ describe('agent (loopback)', function () {
     assert.deepEqual(q.stitches.map((r) => [r.spec.id, typeof r.spec.clientOffset]), [[table[0]!.spec.id, 'string']]);
   });
 
+  it('agent - a slow drain is waited for, with a warning after drainWarnMs; the connection stays stitching until the switch says stitched', async () => {
+    sw = await capableSwitch(log.logger, 0, 'draining');
+    const a = make({ ...preconfigured(), drainWarnMs: 20 });
+    await a.start();
+    const id = await b!.connect();
+    const slow = log.wait(/handover slow/);
+    const done = a.control({ op: 'stitch', id });
+    const warned = await slow;
+    const stitchId = (await switchStatus(sw)).stitches[0]!.spec.id;
+    assert.deepEqual([warned.connectionId, warned.stitchId, warned.afterMs], [id, stitchId, 20]);
+    assert.equal(b!.shell.get(id)!.state, 'stitching', 'a draining connection is neither back on the shell path nor stitched');
+    sw.datapath.setState(stitchId, 'stitched');
+    assert.deepEqual(await done, [{ id, ok: true }]);
+    assert.equal(b!.shell.get(id)!.state, 'stitched');
+    assert.equal(log.matching(/handover slow/).length, 1, 'warned once');
+  });
+
   it('agent - an honest table switch (no translations) is "incapable": nothing is stitched, the shell path stays', async () => {
     const datapath = createTableDatapath();
     const plain = await runSwitch({ shellIface: 'lo', keys: [KEY], datapath, port: 0, logger: log.logger });
-    sw = Object.assign(plain, { datapathClose: () => datapath.close() });
+    sw = Object.assign(plain, { datapath, datapathClose: () => datapath.close() });
     const a = make(preconfigured());
     await a.start();
     const d = a.status().discovery;
@@ -339,6 +356,7 @@ describe('agent (loopback)', function () {
     assert.throws(() => createAgent({ ...base, core: { host: '', port: 9 } }), /core must be/);
     assert.throws(() => createAgent({ ...base, switch: { mode: 'maybe' } as never }), /switch must be/);
     assert.throws(() => createAgent({ ...base, discovery: { waitMs: 0 } }), /discovery\.waitMs/);
+    assert.throws(() => createAgent({ ...base, drainWarnMs: 0 }), /drainWarnMs must be a number of milliseconds from 1 to 3600000, got 0/);
     dir = mkdtempSync(join(tmpdir(), 'tcp-stitch-agent-'));
     const policyFile = join(dir, 'bad.json');
     writeFileSync(policyFile, JSON.stringify({ version: 1, mode: 'auto', evaluationIntervalMs: 1000, rules: [{ name: 'x', minAgeMS: 5 }] }));
