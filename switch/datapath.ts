@@ -1,6 +1,7 @@
-// The eBPF datapath of the reference switch: loads switch/bpf/stitch.bpf.o, attaches it to the
-// ingress of S's interfaces (tc clsact, direct action), and drives its maps through the native addon
-// (switch/native): one bpf(2) call per map update, never a bpftool process per stitch.
+// The eBPF datapath of the reference switch: loads switch/bpf/stitch.bpf.o, attaches it (tc clsact,
+// direct action) to the ingress of S's interfaces and the egress of the shell's (combined mode), and
+// drives its maps through the native addon (switch/native): one bpf(2) call per map update, never a
+// bpftool process per stitch.
 //
 // Lifecycle: createEbpfDatapath() loads and attaches (bpftool prog load + pin, tc filter ... bpf da
 // object-pinned), install()/remove() write the maps with the commit-key pattern, a poll timer
@@ -652,23 +653,31 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
     if (shell.length === 0) throw new InvalidArgumentError(`shellIface ${options.shellIface} has no IPv4 address: pass shellAddresses`);
     shell = shell.slice(0, 4);
   }
+  // The shell's prefix covers this host's own address on that interface, which is no shell.
+  const selfAddr = (shellLink.addr_info ?? []).find((a) => a.family === 'inet')?.local;
 
   const obj = await openStitchObject({
     bpffs: options.bpffs, objectPath: options.objectPath,
     ...(options.bpffs !== undefined && { persistentName: persistentPinName(options.shellIface) }),
   });
   const maps = new StitchMaps(obj.maps);
+  // Ingress of every interface; egress too of the one toward the shell, where in combined mode (the
+  // switch on B) the core's own packets of its legs leave.
+  const hooksOf = (iface: string) => (iface === options.shellIface ? ['ingress', 'egress'] : ['ingress']);
   const attached: Array<{ iface: string; ownQdisc: boolean }> = [];
   const pinMarkers = new Set(markers(obj.pinDir));
   const cloneMark = options.cloneMark ?? DEFAULT_CLONE_MARK;
   let cfg: GlobalCfg = {
     shell, shellIfindex: shellLink.ifindex, clientIfindex: ifindexOf(options.clientIface), coreIfindex: ifindexOf(options.coreIface),
     dropPerMillion: options.dropPerMillion ?? 0, cloneMark, mssClamp: options.mssClamp ?? 0, flags: 0,
+    ...(selfAddr && { selfAddr }),
   };
 
   const detach = async () => {
     for (const a of attached.splice(0).reverse()) {
-      await sh('tc', ['filter', 'del', 'dev', a.iface, 'ingress', 'pref', String(TC_PREF)]).catch((e) => log.warn('tc filter del failed', { iface: a.iface, err: e }));
+      for (const hook of hooksOf(a.iface)) {
+        await sh('tc', ['filter', 'del', 'dev', a.iface, hook, 'pref', String(TC_PREF)]).catch((e) => log.warn('tc filter del failed', { iface: a.iface, hook, err: e }));
+      }
       if (a.ownQdisc) await sh('tc', ['qdisc', 'del', 'dev', a.iface, 'clsact']).catch((e) => log.warn('tc qdisc del failed', { iface: a.iface, err: e }));
       clearMarker(obj.pinDir, marker.iface(a.iface));
       clearMarker(obj.pinDir, marker.clsact(a.iface));
@@ -702,7 +711,9 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       attached.push({ iface, ownQdisc });
       // replace: a daemon that died without close() left its filter; the new one takes its place (an
       // adopted program replaces itself)
-      await sh('tc', ['filter', 'replace', 'dev', iface, 'ingress', 'pref', String(TC_PREF), 'handle', '1', 'bpf', 'direct-action', 'object-pinned', obj.progPath]);
+      for (const hook of hooksOf(iface)) {
+        await sh('tc', ['filter', 'replace', 'dev', iface, hook, 'pref', String(TC_PREF), 'handle', '1', 'bpf', 'direct-action', 'object-pinned', obj.progPath]);
+      }
     }
   } catch (e) {
     if (obj.adopted) {

@@ -29,7 +29,7 @@ const here = dirname(fileURLToPath(import.meta.url));
 const ADDON = join(here, '../switch/native/build/Release/tcp_stitch_bpf.node');
 
 const TC_ACT_OK = 0, TC_ACT_SHOT = 2, TC_ACT_REDIRECT = 7;
-const SKB_CTX_SIZE = 192; // struct __sk_buff on this kernel; mark at offset 8
+const SKB_CTX_SIZE = 192; // struct __sk_buff on this kernel: mark at offset 8, ingress_ifindex 36, ifindex 40
 
 interface Vector {
   description: string;
@@ -39,6 +39,8 @@ interface Vector {
   expectedReturn: number;
   /** skb->mark on entry (a clone re-entering). */
   mark?: number;
+  /** Sent by this host (seen at egress, combined mode): skb->ingress_ifindex 0. Default: received on lo. */
+  local?: boolean;
 }
 
 const C = '198.18.1.2', A = '198.18.2.2', B = '198.18.3.2';
@@ -161,12 +163,12 @@ class Harness {
 
   /** Runs one vector and checks it: return code, the whole output frame, and its checksums. */
   vector(v: Vector): Buffer {
-    let ctxIn: Buffer | undefined;
-    if (v.mark !== undefined) {
-      ctxIn = Buffer.alloc(SKB_CTX_SIZE);
-      ctxIn.writeUInt32LE(v.mark >>> 0, 8);
-    }
-    const r = progTestRun(this.obj.progFd, v.input, ctxIn ? { ctxIn } : {});
+    // A packet received on lo (ingress_ifindex = ifindex = 1), or one this host sent (ingress_ifindex 0).
+    const ctxIn = Buffer.alloc(SKB_CTX_SIZE);
+    ctxIn.writeUInt32LE((v.mark ?? 0) >>> 0, 8);
+    ctxIn.writeUInt32LE(v.local ? 0 : 1, 36);
+    ctxIn.writeUInt32LE(1, 40);
+    const r = progTestRun(this.obj.progFd, v.input, { ctxIn });
     assert.equal(r.retval, v.expectedReturn, `${v.description}: return code`);
     const out = r.dataOut;
     if (!out.equals(v.expectedOutput)) {

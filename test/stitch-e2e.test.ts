@@ -19,7 +19,7 @@ interface StitchBed { topo: Topology; sw: RunningSwitchProcess; seg: Segmented; 
 /** Manual mode: nothing is stitched until `tcp-stitch stitch` says so. */
 const MANUAL = { version: 1, mode: 'manual', rules: [] };
 
-async function startStitchBed(topo: Topology, opts: { backend?: 'echo' | 'peer' | 'iperf3'; policy?: object; switchArgs?: string[] } = {}): Promise<StitchBed> {
+async function startStitchBed(topo: Topology, opts: { backend?: 'echo' | 'peer' | 'iperf3'; policy?: object; switchArgs?: string[]; shellSwitch?: string } = {}): Promise<StitchBed> {
   const dir = mkdtempSync(join(tmpdir(), 'tcp-stitch-e2e-'));
   const keyFile = join(dir, 'key');
   writeFileSync(keyFile, formatKeyFile([generateKey()]), { mode: 0o600 });
@@ -28,7 +28,7 @@ async function startStitchBed(topo: Topology, opts: { backend?: 'echo' | 'peer' 
   const switchArgs = ['--key-file', keyFile, ...(opts.switchArgs ?? []).map((a) => a === '$BPFFS' ? topo.bpffs! : a)];
   const sw = await startSwitch(topo, switchArgs);
   const seg = await startSegmented(topo, { backend: opts.backend ?? 'echo', coreArgs: ['--key-file', keyFile] },
-    ['--switch', 'auto', '--key-file', keyFile, '--policy', policy]);
+    ['--switch', opts.shellSwitch ?? 'auto', '--key-file', keyFile, '--policy', policy]);
   // The echo backend prints one verdict line per connection (sha256 of what B received).
   const verdicts: string[] = [];
   let buf = '';
@@ -125,9 +125,12 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
    * ended by FIN in phase 3, the relay moved nothing after the 'stitched' transition, the switch
    * freed every stitch.
    */
-  async function loadStitched(n: number, size: number, lossPpm?: number) {
-    topo = await createTopology({ bpffs: true, differentWindowScales: true });
-    bed = await startStitchBed(topo, { policy: { version: 1, mode: 'auto', evaluationIntervalMs: 50, rules: [{ name: 'mid-transfer', minBytes: { total: 2 << 20 } }] } });
+  async function loadStitched(n: number, size: number, { lossPpm, combined = false }: { lossPpm?: number; combined?: boolean } = {}) {
+    topo = await createTopology({ bpffs: true, differentWindowScales: true, ...(combined && { variant: 'combined' }) });
+    bed = await startStitchBed(topo, {
+      policy: { version: 1, mode: 'auto', evaluationIntervalMs: 50, rules: [{ name: 'mid-transfer', minBytes: { total: 2 << 20 } }] },
+      ...(combined && { shellSwitch: 'combined' }),
+    });
     const b = bed;
     if (lossPpm) await injectLoss(b, lossPpm);
     const client = nodeInNs(topo.c, 'test/fixtures/load-client.ts', [b.seg.shellAddr, String(SHELL_PORT), String(n), String(size)], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -204,8 +207,12 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
   });
 
   it('stitch e2e - 0.5% loss at S (every TCP packet leaving S): 20 connections stitched under load, still exact', async () => {
-    const { nc, nb } = await loadStitched(20, 32 << 20, 5000);
+    const { nc, nb } = await loadStitched(20, 32 << 20, { lossPpm: 5000 });
     assert.ok((nc['Tcp.RetransSegs'] ?? 0) > 0 && (nb['Tcp.RetransSegs'] ?? 0) > 0, 'the loss made both ends retransmit');
+  });
+
+  it('stitch e2e - combined mode (the switch on B): 20 connections stitched mid-transfer while both ends send at full speed: exact, relay flat after the drain, switch state freed', async () => {
+    await loadStitched(20, 32 << 20, { combined: true });
   });
 
   it('stitch e2e - examples/manual-stitch.ts: the runtime stitches each connection after its first 64 KiB; exact, relay flat after', async () => {

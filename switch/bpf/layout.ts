@@ -115,6 +115,8 @@ export interface GlobalCfg {
   shell: ShellPrefix[];
   shellIfindex: number; clientIfindex: number; coreIfindex: number;
   dropPerMillion: number; cloneMark: number; mssClamp: number; flags: number;
+  /** This host's own address on the shell's interface, which the shell's prefix may cover. */
+  selfAddr?: string;
 }
 
 export function encodeGlobalCfg(c: GlobalCfg): Buffer {
@@ -133,6 +135,7 @@ export function encodeGlobalCfg(c: GlobalCfg): Buffer {
   b.writeUInt32LE(c.cloneMark >>> 0, 48);
   b.writeUInt16LE(c.mssClamp, 52);
   b.writeUInt16LE(c.flags, 54);
+  if (c.selfAddr) addrBytes(c.selfAddr).copy(b, 56);
   return b;
 }
 

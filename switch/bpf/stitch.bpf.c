@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: (GPL-2.0 OR Apache-2.0)
 /* tcp-stitch: the switch's fast path. One tc clsact direct-action program (section "tc"), attached
- * on ingress of every interface of S. Per packet (docs/datapath.md has the full decision table):
+ * on ingress of every interface of S, and on egress of the interface toward the shell, where in
+ * combined mode (S is B) the core's own packets leave. Per packet (docs/datapath.md has the full
+ * decision table):
  *   - a clone re-entering for the shell (skb->mark == clone mark)      -> handle_clone
+ *   - at egress, a packet this host did not send; one S sent the shell -> pass untouched
  *   - an ICMP error quoting a stitched flow's translated packet        -> stitch_icmp (back to its sender)
  *   - not IPv4/TCP, fragment, truncated, bad options                   -> pass untouched
  *   - TCP not to or from the shell                                     -> pass untouched
@@ -39,6 +42,14 @@ int stitch_tc(struct __sk_buff *skb)
 	stat_inc(ST_PACKETS);
 	if (g->clone_mark && skb->mark == g->clone_mark)
 		return handle_clone(skb);
+	/* At egress (combined mode, on the interface toward the shell) only this host's own packets
+	 * are new here: anything forwarded or redirected was handled where it came in. */
+	if (skb->ingress_ifindex && skb->ingress_ifindex != skb->ifindex)
+		return TC_ACT_OK;
+	if (g->clone_mark && skb->mark == g->clone_mark + 1) {
+		skb->mark = 0;
+		return TC_ACT_OK;
+	}
 
 	r = parse_packet(skb);
 	if (r == PARSE_ICMP)

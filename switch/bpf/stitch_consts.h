@@ -55,6 +55,10 @@
 #define FLOW_ACKED    0x40  /* ack_hi / edge_hi hold a value */
 #define FLOW_TSVAL    0x80  /* tsval_hi / ts_base hold a value */
 
+/* A far end on this very host (combined mode: the core's own packets, seen at egress): what is
+ * translated toward it is delivered here (TC_ACT_OK after the rewrite), not redirected. */
+#define IFINDEX_LOCAL 0xffffffffu
+
 /* global_cfg.flags */
 #define CFG_NO_CLONE      0x0001  /* never call bpf_clone_redirect (BPF_PROG_TEST_RUN vectors) */
 

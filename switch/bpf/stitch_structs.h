@@ -56,7 +56,8 @@ struct global_cfg {
 	__u32 clone_mark;     /* 48 skb->mark tagging clones re-entering for the shell (0: no clones) */
 	__u16 mss_clamp;      /* 52 MSS clamp for SYNs of the shell's flows (0: off) */
 	__u16 flags;          /* 54 CFG_* */
-	__u32 reserved[2];    /* 56 */
+	__u32 self_addr;      /* 56 this host's address toward the shell, network order: never the shell's */
+	__u32 reserved;       /* 60 */
 };
 
 /* Value of `legs`: which stitch a flow belongs to. 12 bytes. */

@@ -16,12 +16,20 @@ static __always_inline struct global_cfg *get_cfg(void)
 /* Is `a` (network order) one of the shell's addresses? */
 static __always_inline int is_shell(const struct global_cfg *g, __u32 a)
 {
+	if (a == g->self_addr) /* in the shell's prefix, but this host (combined mode: B itself) */
+		return 0;
 #pragma clang loop unroll(full)
 	for (int i = 0; i < MAX_SHELL_ADDRS; i++) {
 		if (g->shell_mask[i] && (a & g->shell_mask[i]) == g->shell_addr[i])
 			return 1;
 	}
 	return 0;
+}
+
+/* The interface a packet came from: IFINDEX_LOCAL for one this host sent (seen at egress). */
+static __always_inline __u32 arrival_ifindex(const struct __sk_buff *skb)
+{
+	return skb->ingress_ifindex ? skb->ifindex : IFINDEX_LOCAL;
 }
 
 static __always_inline __u32 now_ms(__u64 now)
@@ -152,7 +160,7 @@ __attribute__((noinline)) int track_packet(struct __sk_buff *skb, __u32 dir)
 			record_syn(&v.dir[dir], p, mss, now);
 			v.created_ns = now;
 			if (dir)
-				v.peer_ifindex = skb->ifindex;
+				v.peer_ifindex = arrival_ifindex(skb);
 			else
 				v.shell_ifindex = skb->ifindex;
 			bpf_map_update_elem(&flows, &key, &v, BPF_ANY);
@@ -168,7 +176,7 @@ __attribute__((noinline)) int track_packet(struct __sk_buff *skb, __u32 dir)
 			if (fv) {
 				record_syn(&fv->dir[dir], p, mss, now);
 				if (dir)
-					fv->peer_ifindex = skb->ifindex;
+					fv->peer_ifindex = arrival_ifindex(skb);
 				else
 					fv->shell_ifindex = skb->ifindex;
 			}
@@ -187,7 +195,7 @@ __attribute__((noinline)) int track_packet(struct __sk_buff *skb, __u32 dir)
 		return TC_ACT_OK;
 	track_dir(fv, dir, p, now);
 	if (dir)
-		fv->peer_ifindex = skb->ifindex;
+		fv->peer_ifindex = arrival_ifindex(skb);
 	else
 		fv->shell_ifindex = skb->ifindex;
 	return TC_ACT_OK;

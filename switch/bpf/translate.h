@@ -202,6 +202,22 @@ static __always_inline __u32 out_ifindex(const struct global_cfg *g, const struc
 	return sc->side[side & 1].far_ifindex;
 }
 
+/* Sends a rewritten packet on toward a far end: out of its interface, or up this host's own stack
+ * when the far end is here (combined mode; the rewrite made it a packet for this host). */
+static __always_inline int forward_to(__u32 ifindex)
+{
+	return ifindex == IFINDEX_LOCAL ? TC_ACT_OK : bpf_redirect_neigh(ifindex, 0, 0, 0);
+}
+
+/* Sends a packet S wrote for the shell out of `ifindex`, marked so that the program attached at
+ * that interface's egress (combined mode) lets it pass: it is no packet of this host's. */
+static __always_inline int to_shell(struct __sk_buff *skb, const struct global_cfg *g, __u32 ifindex)
+{
+	if (g && g->clone_mark)
+		skb->mark = g->clone_mark + 1;
+	return bpf_redirect_neigh(ifindex, 0, 0, 0);
+}
+
 /* A packet from far end s of a committed stitch: translate it to far end o; while draining, clone
  * it first to the shell when the shell needs its data or its ack (see handle_clone), and send far o
  * only the ACK of data that belongs to the shell. */
@@ -340,7 +356,7 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 		stat_inc(ST_ERRORS);
 		return TC_ACT_SHOT;
 	}
-	return bpf_redirect_neigh(out_ifindex(g, sc, o), 0, 0, 0);
+	return forward_to(out_ifindex(g, sc, o));
 }
 
 /* Rule 10: S answers the shell's segment p on leg s itself, for far s, with what far s has
@@ -376,7 +392,7 @@ static __always_inline int answer_shell(struct __sk_buff *skb, struct scratch *s
 		stat_inc(ST_ERRORS);
 		return TC_ACT_SHOT;
 	}
-	return bpf_redirect_neigh(skb->ifindex, 0, 0, 0);
+	return to_shell(skb, get_cfg(), skb->ifindex);
 }
 
 /* A packet of the shell's own socket on leg s (toward far end s). Silenced once stitched; while
@@ -505,7 +521,7 @@ __attribute__((noinline)) int handle_clone(struct __sk_buff *skb)
 		stat_inc(ST_ERRORS);
 		return TC_ACT_SHOT;
 	}
-	return bpf_redirect_neigh(ifx, 0, 0, 0);
+	return to_shell(skb, g, ifx);
 }
 
 #endif
