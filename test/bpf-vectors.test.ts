@@ -39,14 +39,19 @@ interface Vector {
   expectedReturn: number;
   /** skb->mark on entry (a clone re-entering). */
   mark?: number;
-  /** Sent by this host (seen at egress, combined mode): skb->ingress_ifindex 0. Default: received on lo. */
-  local?: boolean;
+  /** skb->ingress_ifindex: 0 for a packet this host sent (seen at egress, combined mode), another
+   *  interface for one forwarded to lo's egress. Default 1: received on lo (ifindex 1). */
+  ingressIfindex?: number;
 }
 
 const C = '198.18.1.2', A = '198.18.2.2', B = '198.18.3.2';
 const P1 = 40001, P2 = 8080, V1 = 41001, V2 = 9000;
 
-interface LegOptions { ts: boolean; sack: boolean; ws?: { c: number; ac: number; av: number; b: number } }
+interface LegOptions {
+  ts: boolean; sack: boolean; ws?: { c: number; ac: number; av: number; b: number };
+  /** Combined mode: B is the host the program runs on, its packets seen at egress. */
+  localB?: boolean;
+}
 
 /** One stitch's world: ISNs, byte mapping, handshakes, and the expected translation. */
 class World {
@@ -99,7 +104,8 @@ class World {
     pass('client leg SYN-ACK A->C', this.a2c({ seq: isn.ac, ack: this.sC(0), flags: 'SA', win: 65160, options: this.synOpts(ws?.ac, ts0.ac, ts0.c) }));
     pass('client leg ACK C->A', this.c2a({ seq: this.sC(0), ack: this.sAc(0), win: 100, options: this.ts(ts0.c + 1, ts0.ac) }));
     pass('core leg SYN A->B', this.a2b({ seq: isn.av, flags: 'S', win: 64240, options: this.synOpts(ws?.av, ts0.av, 0) }));
-    pass('core leg SYN-ACK B->A', this.b2a({ seq: isn.b, ack: this.sAv(0), flags: 'SA', win: 65160, options: this.synOpts(ws?.b, ts0.b, ts0.av) }));
+    const synAck = this.b2a({ seq: isn.b, ack: this.sAv(0), flags: 'SA', win: 65160, options: this.synOpts(ws?.b, ts0.b, ts0.av) });
+    this.t.vector({ description: 'core leg SYN-ACK B->A', input: synAck, expectedOutput: synAck, expectedReturn: TC_ACT_OK, ...(this.o.localB && { ingressIfindex: 0 }) });
     pass('core leg ACK A->B', this.a2b({ seq: this.sAv(0), ack: this.sB(0), win: 100, options: this.ts(ts0.av + 1, ts0.b) }));
     this.captureBases();
     this.seen = { c: ts0.ac, b: ts0.av + 1 };
@@ -163,10 +169,9 @@ class Harness {
 
   /** Runs one vector and checks it: return code, the whole output frame, and its checksums. */
   vector(v: Vector): Buffer {
-    // A packet received on lo (ingress_ifindex = ifindex = 1), or one this host sent (ingress_ifindex 0).
     const ctxIn = Buffer.alloc(SKB_CTX_SIZE);
     ctxIn.writeUInt32LE((v.mark ?? 0) >>> 0, 8);
-    ctxIn.writeUInt32LE(v.local ? 0 : 1, 36);
+    ctxIn.writeUInt32LE(v.ingressIfindex ?? 1, 36);
     ctxIn.writeUInt32LE(1, 40);
     const r = progTestRun(this.obj.progFd, v.input, { ctxIn });
     assert.equal(r.retval, v.expectedReturn, `${v.description}: return code`);
@@ -505,6 +510,43 @@ describe('bpf vectors', function () {
         description: 'B->C data', input: w.b2a({ seq: w.sB(11), ack: w.sAv(w.kToM(564)), flags: 'PA', win: 1000, payload: 1 }), expectedReturn: TC_ACT_REDIRECT,
         expectedOutput: w.a2c({ seq: w.sAc(w.jToI(11)), ack: w.sC(564), flags: 'PA', ttl: 63, win: 1000, payload: 1 }),
       });
+    });
+  });
+
+  describe('combined mode: the program on B, B\'s packets seen at egress', () => {
+    before(function () { if (!t.obj) this.skip(); stitched(undefined as never, { ts: false, sack: false, ws: undefined, localB: true }); });
+
+    it('combined - B\'s handshake, sent by this host, is tracked: its far end is here (IFINDEX_LOCAL)', () => {
+      assert.equal(t.maps.flow({ shellAddr: A, peerAddr: B, shellPort: V1, peerPort: V2 })!.peerIfindex, 0xffffffff);
+      assert.equal(t.maps.cfg(w.id)!.side[SIDE_CORE].farIfindex, 0xffffffff);
+    });
+
+    it('combined - C->B data is translated and goes up this host\'s stack (TC_ACT_OK), not redirected', () => {
+      t.vector({
+        description: 'C->B data', input: w.c2a({ seq: w.sC(500), ack: w.sAc(250), flags: 'PA', win: 29200, payload: 64 }), expectedReturn: TC_ACT_OK,
+        expectedOutput: w.a2b({ seq: w.sAv(w.kToM(500)), ack: w.sB(w.iToJ(250)), flags: 'PA', ttl: 63, win: 29200, payload: 64 }),
+      });
+    });
+
+    it('combined - B->C data this host sent is translated and redirected toward C', () => {
+      t.vector({
+        description: 'B->C data', ingressIfindex: 0, input: w.b2a({ seq: w.sB(11), ack: w.sAv(w.kToM(564)), flags: 'PA', win: 1000, payload: 1 }), expectedReturn: TC_ACT_REDIRECT,
+        expectedOutput: w.a2c({ seq: w.sAc(w.jToI(11)), ack: w.sC(564), flags: 'PA', ttl: 63, win: 1000, payload: 1 }),
+      });
+    });
+
+    it('combined - at egress, a packet forwarded from another interface, or one S wrote for the shell (mark), passes untouched', () => {
+      const input = w.c2a({ seq: w.sC(564), ack: w.sAc(251), flags: 'PA', win: 29200, payload: 8 });
+      t.vector({ description: 'C->A forwarded', ingressIfindex: 2, input, expectedOutput: input, expectedReturn: TC_ACT_OK });
+      const fromB = w.b2a({ seq: w.sB(12), ack: w.sAv(w.kToM(564)), win: 1000 });
+      const ctxIn = Buffer.alloc(SKB_CTX_SIZE);
+      ctxIn.writeUInt32LE(DEFAULT_CLONE_MARK + 1, 8);
+      ctxIn.writeUInt32LE(1, 36);
+      ctxIn.writeUInt32LE(1, 40);
+      const r = progTestRun(t.obj.progFd, fromB, { ctxIn });
+      assert.equal(r.retval, TC_ACT_OK);
+      assert.ok(r.dataOut.equals(fromB), 'untouched');
+      assert.equal(r.ctxOut!.readUInt32LE(8), 0, 'the pass mark is cleared');
     });
   });
 
