@@ -14,7 +14,7 @@ import { ClosedError, InvalidArgumentError, SwitchError } from '../sdk/errors.ts
 import { componentLogger, type Logger } from '../sdk/log.ts';
 import type { StitchStatus } from '../switch/stitch-types.ts';
 import {
-  DEFAULT_PORT, PROTOCOL_VERSION, ZERO_BOOT_ID, decode, encode, isControlProtocolError, newNonce, newReasonCounters, nextSequence,
+  DEFAULT_PORT, MAX_STITCH_MANY, PROTOCOL_VERSION, ZERO_BOOT_ID, decode, encode, isControlProtocolError, newNonce, newReasonCounters, nextSequence,
   type Key, type Message, type Opcode, type ReasonCounters, type RejectReason, type Request, type Response,
   type ResultCode, type StitchLegs, type StitchRecord, type StitchResult, type SwitchInfo, type NotifyRequest,
 } from '../switch/protocol.ts';
@@ -81,7 +81,8 @@ export interface ControlClient extends EventEmitter<ControlClientEvents> {
   readonly bootId: string | undefined;
   /** Authenticated DISCOVER over the control channel: capabilities, and the current boot id. */
   discover(): Promise<SwitchInfo>;
-  /** Installs a stitch (idempotent: the same legs again give the same id, existing: true). */
+  /** Installs a stitch (idempotent: the same legs again give the same id, existing: true). Calls
+   *  made in the same event-loop turn travel together, up to MAX_STITCH_MANY per STITCH_MANY. */
   stitch(legs: StitchLegs): Promise<StitchResult>;
   /** Removes a stitch; resolves with its last status. */
   unstitch(id: number): Promise<StitchStatus>;
@@ -127,6 +128,11 @@ class ControlClientImpl extends EventEmitter<ControlClientEvents> implements Con
   private knownBootId?: string;
   private notifyWindow = { bootId: '', highest: 0n, seen: new Set<bigint>(), acked: new Map<string, bigint>() };
   private closed = false;
+  /** stitch() calls of this event-loop turn, sent together at its end. */
+  private stitchQueue: Array<{ legs: StitchLegs; resolve: (r: StitchResult) => void; reject: (e: Error) => void }> = [];
+  private stitchFlush?: NodeJS.Immediate;
+  /** The switch answered STITCH_MANY with UNSUPP_OPCODE (an older switch): one STITCH each. */
+  private manyUnsupported = false;
 
   constructor(init: ControlClientInit) {
     super();
@@ -172,8 +178,43 @@ class ControlClientImpl extends EventEmitter<ControlClientEvents> implements Con
     const clean: StitchLegs = { clientLeg, coreLeg, clientOffset, corePreambleLength, shellOffset, coreAnswerLength };
     // Validate now so a bad argument fails here, not as a socket-level surprise.
     encode({ kind: 'request', opcode: 'stitch', nonce: '0'.repeat(24), bootId: ZERO_BOOT_ID, legs: clean, auth: { keyId: this.key.id, sequence: 0n } }, this.key);
+    return new Promise<StitchResult>((resolve, reject) => {
+      if (this.closed) return reject(new ClosedError('control client closed'));
+      this.stitchQueue.push({ legs: clean, resolve, reject });
+      this.stitchFlush ??= setImmediate(() => this.flushStitches());
+    });
+  }
+
+  /** Sends the queued stitches: one STITCH_MANY per MAX_STITCH_MANY, or a STITCH for one alone. */
+  private flushStitches(): void {
+    this.stitchFlush = undefined;
+    const queue = this.stitchQueue.splice(0);
+    for (let i = 0; i < queue.length; i += MAX_STITCH_MANY) {
+      const chunk = queue.slice(i, i + MAX_STITCH_MANY);
+      if (chunk.length === 1 || this.manyUnsupported) {
+        for (const q of chunk) this.stitchOne(q.legs).then(q.resolve, q.reject);
+        continue;
+      }
+      // Legs are explicit, so a STITCH_MANY refused as STALE_BOOT is re-sent to the new boot.
+      const legs = chunk.map((q) => q.legs);
+      this.exchange('stitchMany', (base) => ({ ...base, opcode: 'stitchMany', legs }), true).then((r) => {
+        (r as Extract<Response, { opcode: 'stitchMany' }>).entries!.forEach((e, j) => {
+          if (e.result === 'SUCCESS') chunk[j]!.resolve(e.stitch);
+          else chunk[j]!.reject(new SwitchRequestError('stitch', e.result, `the switch answered ${e.result}`));
+        });
+      }, (err: Error) => {
+        if (err instanceof SwitchRequestError && err.result === 'UNSUPP_OPCODE') {
+          this.manyUnsupported = true;
+          this.log.info('the switch does not know STITCH_MANY: one STITCH per stitch');
+          for (const q of chunk) this.stitchOne(q.legs).then(q.resolve, q.reject);
+        } else for (const q of chunk) q.reject(err);
+      });
+    }
+  }
+
+  private async stitchOne(legs: StitchLegs): Promise<StitchResult> {
     // Legs are explicit, so a STITCH refused as STALE_BOOT is re-sent to the new boot.
-    const r = await this.exchange('stitch', (base) => ({ ...base, opcode: 'stitch', legs: clean }), true);
+    const r = await this.exchange('stitch', (base) => ({ ...base, opcode: 'stitch', legs }), true);
     return (r as Extract<Response, { opcode: 'stitch' }>).stitch!;
   }
 
@@ -217,6 +258,9 @@ class ControlClientImpl extends EventEmitter<ControlClientEvents> implements Con
       p.reject(new ClosedError('control client closed'));
     }
     this.pending.clear();
+    if (this.stitchFlush) clearImmediate(this.stitchFlush);
+    this.stitchFlush = undefined;
+    for (const q of this.stitchQueue.splice(0)) q.reject(new ClosedError('control client closed'));
     const s = this.socket ?? (await this.binding?.catch(() => undefined));
     this.socket = undefined;
     if (s) {

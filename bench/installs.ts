@@ -5,8 +5,9 @@
 //             four map updates (state, two legs, commit entry), one bpf(2) call each;
 //  - batched: the same entries written 256 installs at a time with one mapUpdateBatch per map
 //             (state, legs, commit entries, in that order, so the commit-key pattern holds per batch);
-//  - control protocol: STITCH requests over UDP on 127.0.0.1 (HMAC-authenticated, 256 in flight: as
-//             many as the agent has in flight for `stitch --all`) from the agent's control client to
+//  - control protocol: stitch() calls over UDP on 127.0.0.1 (HMAC-authenticated, 256 in flight: as
+//             many as the agent has in flight for `stitch --all`; the client sends the calls of one
+//             event-loop turn as STITCH_MANY, ten per datagram) from the agent's control client to
 //             the switch's control server, whose datapath installs with StitchMaps.install into the
 //             same maps. Client and server share this one process.
 import winston from 'winston';
@@ -25,7 +26,7 @@ export interface InstallRates {
   stitches: number;
   single: { perSecond: number; p50Us: number; p99Us: number; rounds: number };
   batched: { perSecond: number; batch: number; rounds: number };
-  control: { perSecond: number; removalsPerSecond: number; inFlight: number; n: number; retransmissions: number } | { error: string };
+  control: { perSecond: number; removalsPerSecond: number; inFlight: number; n: number; retransmissions: number; datagrams: number } | { error: string };
 }
 
 const silent = winston.createLogger({ silent: true, transports: [new winston.transports.Console({ silent: true })] });
@@ -158,13 +159,15 @@ async function throughControl(maps: StitchMaps): Promise<InstallRates['control']
       let next = 0;
       await Promise.all(Array.from({ length: inFlight }, async () => { while (next < count) await job(next++); }));
     };
+    const before = client.counters().requests;
     const t0 = performance.now();
     await pool(n, async (i) => { ids.push((await client.stitch(legs(i, '127.0.0.1'))).id); });
     const installMs = performance.now() - t0;
+    const datagrams = client.counters().requests - before;
     const t1 = performance.now();
     await pool(ids.length, async (i) => { await client.unstitch(ids[i]!); });
     const removeMs = performance.now() - t1;
-    return { perSecond: n / (installMs / 1000), removalsPerSecond: ids.length / (removeMs / 1000), inFlight, n, retransmissions: client.counters().retransmissions };
+    return { perSecond: n / (installMs / 1000), removalsPerSecond: ids.length / (removeMs / 1000), inFlight, n, retransmissions: client.counters().retransmissions, datagrams };
   } finally {
     await client.close();
     await sw.close();

@@ -12,7 +12,7 @@ import {
   DEFAULT_PORT, MAX_QUERY_RECORDS, OPCODES, RESULT_FOR_DECODE_REASON, encode, encodeBareResponse, decode,
   isControlProtocolError, newNonce, newBootId, newReasonCounters, readPrefix,
   type Key, type Message, type Opcode, type ReasonCounters, type RejectReason, type Request, type Response,
-  type ResultCode, type StitchLegs, type StitchRecord,
+  type ResultCode, type StitchLegs, type StitchManyEntry, type StitchManyResponse, type StitchRecord, type StitchResponse,
 } from './protocol.ts';
 import { UNKNOWN_KEY_ID, createStitchTable, type StitchOwner, type StitchTable, type TableEntry } from './stitch-table.ts';
 import {
@@ -411,6 +411,15 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
     switch (m.opcode) {
       case 'discover': return this.discoverResponse(m);
       case 'stitch': return this.serveStitch(m, m.legs, { address: src.address, keyId }, src);
+      case 'stitchMany': {
+        // One after the other, as separate STITCHes would be: the same legs twice give one stitch.
+        const entries: StitchManyEntry[] = [];
+        for (const legs of m.legs) {
+          const r = await this.serveStitch(m, legs, { address: src.address, keyId }, src) as StitchResponse | StitchManyResponse;
+          entries.push(r.result === 'SUCCESS' ? { result: 'SUCCESS', stitch: (r as StitchResponse).stitch! } : { result: r.result });
+        }
+        return { ...this.responseBase(m, 'SUCCESS'), opcode: 'stitchMany', entries };
+      }
       case 'unstitch': return this.serveUnstitch(m, m.id, { address: src.address, keyId }, src);
       case 'query': return this.serveQuery(m, m.id, m.cursor, { address: src.address, keyId }, src);
       case 'notify':

@@ -37,6 +37,10 @@ export const AUTH_OPTION_SIZE = 4 + AUTH_DATA_SIZE;
 export const DISCOVER_INFO_SIZE = 40;
 export const STITCH_LEGS_SIZE = 96;
 export const STITCH_RESULT_SIZE = 8;
+/** STITCH_MANY: a count (8 bits, 24 reserved) before its legs or its results. */
+export const MANY_HEADER_SIZE = 4;
+/** Legs one authenticated STITCH_MANY request carries at most: 10 in 1100 bytes. */
+export const MAX_STITCH_MANY = Math.floor((MAX_MESSAGE_SIZE - REQUEST_HEADER_SIZE - MANY_HEADER_SIZE - AUTH_OPTION_SIZE) / STITCH_LEGS_SIZE);
 export const STATUS_SIZE = 48;
 export const RECORD_SIZE = STATUS_SIZE + STITCH_LEGS_SIZE;
 export const QUERY_REQUEST_SIZE = 8;
@@ -51,7 +55,7 @@ export const DISCOVER_PADDING = DISCOVER_REPLY_SIZE - REQUEST_HEADER_SIZE - 4;
 
 export const ZERO_BOOT_ID = '0000000000000000';
 
-export const OPCODES = { discover: 1, stitch: 2, unstitch: 3, query: 4, notify: 5 } as const;
+export const OPCODES = { discover: 1, stitch: 2, unstitch: 3, query: 4, notify: 5, stitchMany: 6 } as const;
 export type Opcode = keyof typeof OPCODES;
 const OPCODE_NAMES = invert(OPCODES);
 
@@ -188,7 +192,9 @@ export interface UnstitchRequest extends RequestBase { opcode: 'unstitch'; id: n
 export interface QueryRequest extends RequestBase { opcode: 'query'; id: number; cursor: number }
 /** Sent by the switch to a stitch's owner when the datapath reports a state change. */
 export interface NotifyRequest extends RequestBase { opcode: 'notify'; status: StitchStatus }
-export type Request = DiscoverRequest | StitchRequest | UnstitchRequest | QueryRequest | NotifyRequest;
+/** Several STITCHes in one datagram (1..MAX_STITCH_MANY), each answered on its own. */
+export interface StitchManyRequest extends RequestBase { opcode: 'stitchMany'; legs: StitchLegs[] }
+export type Request = DiscoverRequest | StitchRequest | UnstitchRequest | QueryRequest | NotifyRequest | StitchManyRequest;
 
 export interface ResponseBase extends MessageBase {
   kind: 'response';
@@ -217,7 +223,10 @@ export interface StitchResponse extends ResponseBase { opcode: 'stitch'; stitch?
 export interface UnstitchResponse extends ResponseBase { opcode: 'unstitch'; status?: StitchStatus }
 export interface QueryResponse extends ResponseBase { opcode: 'query'; query?: QueryResult }
 export interface NotifyResponse extends ResponseBase { opcode: 'notify' }
-export type Response = DiscoverResponse | StitchResponse | UnstitchResponse | QueryResponse | NotifyResponse;
+/** One answer per requested stitch, in request order: SUCCESS with its result, or the error alone. */
+export type StitchManyEntry = { result: 'SUCCESS'; stitch: StitchResult } | { result: Exclude<ResultCode, 'SUCCESS'> };
+export interface StitchManyResponse extends ResponseBase { opcode: 'stitchMany'; entries?: StitchManyEntry[] }
+export type Response = DiscoverResponse | StitchResponse | UnstitchResponse | QueryResponse | NotifyResponse | StitchManyResponse;
 
 export type Message = Request | Response;
 
@@ -409,6 +418,25 @@ function readStatus(b: Buffer, off: number, fail: Fail): StitchStatus {
   return status;
 }
 
+function manyCount(n: number, what: string): number {
+  if (n < 1 || n > MAX_STITCH_MANY) bad(`STITCH_MANY carries 1 to ${MAX_STITCH_MANY} ${what}, got ${n}`);
+  return n;
+}
+
+function writeStitchResult(b: Buffer, off: number, s: StitchResult): void {
+  if (checkUint(s.id, 32, 'stitch.id') === 0) bad('stitch.id must not be 0');
+  const state = STITCH_STATES[s.state];
+  if (state === undefined) bad(`unknown state ${String(s.state)}`);
+  b.writeUInt32BE(s.id, off); b[off + 4] = state; b[off + 5] = s.existing ? 1 : 0;
+}
+
+function readStitchResult(b: Buffer, off: number, fail: Fail): StitchResult {
+  const id = b.readUInt32BE(off);
+  if (id === 0) fail('bad-field', 'STITCH result with id 0');
+  const state = STATE_NAMES[b[off + 4]!] ?? fail('bad-field', `unknown stitch state ${b[off + 4]}`);
+  return { id, state, existing: (b[off + 5]! & 1) === 1 };
+}
+
 function bitmap<T>(names: readonly T[], set: readonly T[], what: string): number {
   let bits = 0;
   for (const n of set) {
@@ -463,6 +491,7 @@ function bodySize(opcode: Opcode, response: boolean, success: boolean, count = 0
     case 'unstitch': return response ? STATUS_SIZE : 4;
     case 'query': return response ? QUERY_RESULT_HEADER_SIZE + count * RECORD_SIZE : QUERY_REQUEST_SIZE;
     case 'notify': return response ? 0 : STATUS_SIZE;
+    case 'stitchMany': return MANY_HEADER_SIZE + count * (response ? STITCH_RESULT_SIZE : STITCH_LEGS_SIZE);
   }
 }
 
@@ -504,6 +533,13 @@ export function encode(msg: Message, key?: Key): Buffer {
       count = r.query.stitches.length;
       if (count > 0xffff) bad('too many query records');
     }
+    if (r.opcode === 'stitchMany' && r.result === 'SUCCESS') {
+      if (!Array.isArray(r.entries)) bad('a successful STITCH_MANY response needs entries');
+      count = manyCount(r.entries.length, 'entries');
+    }
+  } else if (msg.opcode === 'stitchMany') {
+    if (!Array.isArray(msg.legs)) bad('a STITCH_MANY request needs legs (an array)');
+    count = manyCount(msg.legs.length, 'legs');
   }
   const success = result === 'SUCCESS';
   if (requiresAuth(msg.opcode, response, result) && !msg.auth) bad(`${msg.kind} ${msg.opcode}${response ? ' ' + result : ''} must be authenticated`);
@@ -540,20 +576,31 @@ export function encode(msg: Message, key?: Key): Buffer {
         if (m.id !== 0 && m.cursor !== 0) bad('cursor must be 0 when id is given');
         break;
       case 'notify': writeStatus(b, off, m.status); break;
+      case 'stitchMany':
+        b[off] = count;
+        m.legs.forEach((l, i) => writeLegs(b, off + MANY_HEADER_SIZE + i * STITCH_LEGS_SIZE, l));
+        break;
     }
   } else if (success) {
     const m = msg as Response;
     switch (m.opcode) {
       case 'discover': writeInfo(b, off, m.info!); break;
-      case 'stitch': {
-        const s = m.stitch;
-        if (!s) bad('a successful STITCH response needs stitch');
-        if (checkUint(s.id, 32, 'stitch.id') === 0) bad('stitch.id must not be 0');
-        const state = STITCH_STATES[s.state];
-        if (state === undefined) bad(`unknown state ${String(s.state)}`);
-        b.writeUInt32BE(s.id, off); b[off + 4] = state; b[off + 5] = s.existing ? 1 : 0;
+      case 'stitch':
+        if (!m.stitch) bad('a successful STITCH response needs stitch');
+        writeStitchResult(b, off, m.stitch);
         break;
-      }
+      case 'stitchMany':
+        b[off] = count;
+        m.entries!.forEach((e, i) => {
+          const o = off + MANY_HEADER_SIZE + i * STITCH_RESULT_SIZE;
+          if (!e || RESULT_CODES[e.result] === undefined) bad(`entry ${i} needs a known result`);
+          if (e.result === 'SUCCESS') {
+            if (!e.stitch) bad(`entry ${i}: SUCCESS needs stitch`);
+            writeStitchResult(b, o, e.stitch);
+          } else if ((e as { stitch?: unknown }).stitch !== undefined) bad(`entry ${i}: an error carries no stitch`);
+          b[o + 6] = RESULT_CODES[e.result];
+        });
+        break;
       case 'unstitch': writeStatus(b, off, m.status!); break;
       case 'query': {
         const q = m.query!;
@@ -572,7 +619,7 @@ export function encode(msg: Message, key?: Key): Buffer {
   } else {
     // Error responses carry no body. Reject stray bodies so encode(decode(x)) stays exact.
     const m = msg as unknown as Record<string, unknown>;
-    for (const f of ['info', 'stitch', 'status', 'query']) if (m[f] !== undefined) bad(`an error response carries no ${f}`);
+    for (const f of ['info', 'stitch', 'status', 'query', 'entries']) if (m[f] !== undefined) bad(`an error response carries no ${f}`);
   }
 
   let o = headerSize + body;
@@ -643,6 +690,11 @@ export function decode(input: Uint8Array, keys?: KeyRing): Message {
     if (b.length < headerSize + QUERY_RESULT_HEADER_SIZE) fail('truncated', 'QUERY result header cut short');
     count = b.readUInt16BE(headerSize);
   }
+  if (opcode === 'stitchMany' && (!response || success)) {
+    if (b.length < headerSize + MANY_HEADER_SIZE) fail('truncated', 'STITCH_MANY count cut short');
+    count = b[headerSize]!;
+    if (count === 0 || count > MAX_STITCH_MANY) fail('bad-field', `STITCH_MANY count ${count}, expected 1..${MAX_STITCH_MANY}`);
+  }
   const body = bodySize(opcode, response, success, count);
   const optionsStart = headerSize + body;
   if (optionsStart > b.length) fail('truncated', `${opcode} ${response ? 'response' : 'request'} body needs ${body} bytes`);
@@ -703,17 +755,26 @@ export function decode(input: Uint8Array, keys?: KeyRing): Message {
         return { kind: 'request', opcode, ...base, id, cursor };
       }
       case 'notify': return { kind: 'request', opcode, ...base, status: readStatus(b, off, fail) };
+      case 'stitchMany': {
+        const legs: StitchLegs[] = [];
+        for (let i = 0; i < count; i++) legs.push(readLegs(b, off + MANY_HEADER_SIZE + i * STITCH_LEGS_SIZE, fail));
+        return { kind: 'request', opcode, ...base, legs };
+      }
     }
   }
   const rb = { kind: 'response' as const, result: result!, epoch: b.readUInt32BE(24) };
   if (!success) return { ...rb, opcode, ...base } as Response;
   switch (opcode) {
     case 'discover': return { ...rb, opcode, ...base, info: readInfo(b, off, fail) };
-    case 'stitch': {
-      const id = b.readUInt32BE(off);
-      if (id === 0) fail('bad-field', 'STITCH result with id 0');
-      const state = STATE_NAMES[b[off + 4]!] ?? fail('bad-field', `unknown stitch state ${b[off + 4]}`);
-      return { ...rb, opcode, ...base, stitch: { id, state, existing: (b[off + 5]! & 1) === 1 } };
+    case 'stitch': return { ...rb, opcode, ...base, stitch: readStitchResult(b, off, fail) };
+    case 'stitchMany': {
+      const entries: StitchManyEntry[] = [];
+      for (let i = 0; i < count; i++) {
+        const o = off + MANY_HEADER_SIZE + i * STITCH_RESULT_SIZE;
+        const r = RESULT_NAMES[b[o + 6]!] ?? fail('bad-result', `entry ${i}: unknown result code ${b[o + 6]}`);
+        entries.push(r === 'SUCCESS' ? { result: r, stitch: readStitchResult(b, o, fail) } : { result: r });
+      }
+      return { ...rb, opcode, ...base, entries };
     }
     case 'unstitch': return { ...rb, opcode, ...base, status: readStatus(b, off, fail) };
     case 'query': {

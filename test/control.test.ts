@@ -8,8 +8,8 @@ import type { NetworkInterfaceInfo } from 'node:os';
 import DgramAsPromised, { type SocketAsPromised } from 'dgram-as-promised';
 import winston from 'winston';
 import {
-  DISCOVER_PADDING, OPCODES, RESPONSE_HEADER_SIZE, ZERO_BOOT_ID, computeMac, decode, encode, newNonce,
-  type Key, type Message, type Response, type StitchLegs,
+  DISCOVER_PADDING, OPCODES, RESPONSE_HEADER_SIZE, ZERO_BOOT_ID, computeMac, decode, encode, encodeBareResponse, newNonce,
+  type Key, type Message, type Response, type StitchLegs, type StitchResult,
 } from '../switch/protocol.ts';
 import { createSwitchControl, type SwitchControl, type SwitchControlInit } from '../switch/control-server.ts';
 import { ALL_TRANSLATIONS, createTableDatapath, untrackedLegError, type TableDatapath } from '../switch/table-datapath.ts';
@@ -137,6 +137,57 @@ describe('control', () => {
     await refused(c.stitch(legsFor(1, '127.0.0.1', { clientOffset: 101n })), 'LEG_IN_USE');
     // A new core leg for the same client leg is a conflict too.
     await refused(c.stitch({ ...legsFor(1), coreLeg: legsFor(5).coreLeg }), 'LEG_IN_USE');
+  });
+
+  it('control - stitch() calls in one event-loop turn travel as STITCH_MANY, ten per datagram; each settles with its own entry', async () => {
+    const { sw, dp, port } = await startSwitch({}, { tracked: (s) => s.clientLeg.client.port !== 40002 });
+    const c = client(port);
+    await c.discover();
+    const wanted = [...Array.from({ length: 23 }, (_, i) => legsFor(i + 1)), legsFor(5)]; // 5 twice
+    const settled = await Promise.allSettled(wanted.map((l) => c.stitch(l)));
+    assert.equal(c.counters().requests, 1 + 3, 'DISCOVER, then 24 stitches in three datagrams');
+    const untracked = settled[1]!;
+    assert.ok(untracked.status === 'rejected' && untracked.reason instanceof SwitchRequestError && untracked.reason.result === 'UNTRACKED_LEG');
+    const ok = settled.filter((r): r is PromiseFulfilledResult<StitchResult> => r.status === 'fulfilled').map((r) => r.value);
+    assert.equal(ok.length, 23);
+    assert.deepStrictEqual((settled[23] as PromiseFulfilledResult<StitchResult>).value, { ...(settled[4] as PromiseFulfilledResult<StitchResult>).value, existing: true }, 'the same legs again: that stitch');
+    assert.equal(dp.installs, 22);
+    assert.equal(sw.counters().installs, 22);
+    for (const [i, r] of settled.entries()) {
+      if (r.status === 'fulfilled') assert.deepStrictEqual(dp.stitches.get(r.value.id), { id: r.value.id, ...wanted[i]! });
+    }
+  });
+
+  it('control client - a switch that does not know STITCH_MANY (UNSUPP_OPCODE) gets one STITCH per stitch', async () => {
+    const { dp, port } = await startSwitch();
+    // An "older switch": a relay to the real one that answers opcode 6 itself, as a v1 switch
+    // without it would (a bare UNSUPP_OPCODE).
+    const front = await rawSocket();
+    const back = await rawSocket();
+    let many = 0;
+    let clientPort = 0;
+    const pump = async (from: typeof front, to: (m: Buffer) => Promise<unknown>, onMsg?: (g: { msg: Buffer; port: number }) => Buffer | undefined) => {
+      for (;;) {
+        const g = await from.recv();
+        const answer = onMsg?.(g);
+        if (answer) await front.send(answer, g.port); else await to(g.msg);
+      }
+    };
+    void pump(front, (m) => back.send(m, port), (g) => {
+      clientPort = g.port;
+      if ((g.msg[1]! & 0x7f) !== OPCODES.stitchMany) return undefined;
+      many++;
+      return encodeBareResponse({ opcode: OPCODES.stitchMany, nonce: g.msg.toString('hex', 4, 16), result: 'UNSUPP_OPCODE', bootId: ZERO_BOOT_ID, epoch: 0 });
+    }).catch(() => undefined);
+    void pump(back, (m) => front.send(m, clientPort)).catch(() => undefined);
+    const c = client(front.port);
+    await c.discover();
+    const results = await Promise.all([1, 2, 3].map((i) => c.stitch(legsFor(i))));
+    assert.deepStrictEqual(results.map((r) => r.id).sort(), [1, 2, 3]);
+    assert.equal(many, 1, 'STITCH_MANY tried once');
+    await Promise.all([4, 5].map((i) => c.stitch(legsFor(i))));
+    assert.equal(many, 1, 'and not again');
+    assert.equal(dp.installs, 5);
   });
 
   it('control - switch restart: the client emits switch:restarted at the next exchange', async () => {

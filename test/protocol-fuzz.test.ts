@@ -76,9 +76,11 @@ const categories: Category[] = [
   { name: 'STITCH request', seeds: [enc({ ...req('stitch'), legs, auth: auth() } as Message)] },
   { name: 'UNSTITCH request', seeds: [enc({ ...req('unstitch'), id: 9, auth: auth() } as Message)] },
   { name: 'QUERY request', seeds: [enc({ ...req('query'), id: 0, cursor: 3, auth: auth() } as Message), enc({ ...req('query'), id: 4, cursor: 0, auth: auth() } as Message)] },
+  { name: 'STITCH_MANY request', seeds: [enc({ ...req('stitchMany'), legs: [legs, { ...legs, clientOffset: 99n }, legs], auth: auth() } as Message)] },
   { name: 'NOTIFY request', seeds: [enc({ ...req('notify'), status: { ...status, state: 'closed', reason: 'fin' }, auth: auth() } as Message)] },
   { name: 'DISCOVER response', seeds: [enc({ ...resp('discover'), info } as Message), enc({ ...resp('discover'), info, auth: auth() } as Message)] },
   { name: 'STITCH response', seeds: [enc({ ...resp('stitch'), stitch: { id: 9, state: 'draining', existing: true }, auth: auth() } as Message)] },
+  { name: 'STITCH_MANY response', seeds: [enc({ ...resp('stitchMany'), entries: [{ result: 'SUCCESS', stitch: { id: 9, state: 'draining', existing: false } }, { result: 'UNTRACKED_LEG' }, { result: 'SUCCESS', stitch: { id: 9, state: 'stitched', existing: true } }], auth: auth() } as Message)] },
   { name: 'UNSTITCH response', seeds: [enc({ ...resp('unstitch'), status, auth: auth() } as Message)] },
   { name: 'QUERY response', seeds: [enc({ ...resp('query'), query: { stitches: [record(1), record(2), record(3)], more: true }, auth: auth() } as Message), enc({ ...resp('query'), query: { stitches: [], more: false }, auth: auth() } as Message)] },
   { name: 'NOTIFY response', seeds: [enc({ ...resp('notify'), epoch: 0, auth: auth() } as Message)] },
@@ -256,7 +258,7 @@ describe('protocol fuzz', function () {
     tableSize: u32, freeSlots: u32,
   });
   const results = Object.keys(RESULT_CODES) as ResultCode[];
-  // Sizes stay under 1100 bytes: at most 5 QUERY records and 200 bytes of padding.
+  // Sizes stay under 1100 bytes: at most 5 QUERY records, 8 STITCH_MANY legs and 200 bytes of padding.
   const common = fc.record({ nonce: hex(12), bootId: hex(8), padding: fc.option(fc.nat(200), { nil: undefined }), signed: fc.boolean(), sequence: u64 });
 
   const arbMessage: fc.Arbitrary<Message> = fc.tuple(
@@ -267,11 +269,16 @@ describe('protocol fuzz', function () {
       id.map((i) => ({ kind: 'request', opcode: 'unstitch', id: i })),
       fc.oneof(id.map((i) => ({ id: i, cursor: 0 })), u32.map((c) => ({ id: 0, cursor: c }))).map((q) => ({ kind: 'request', opcode: 'query', ...q })),
       arbStatus.map((s) => ({ kind: 'request', opcode: 'notify', status: s })),
+      fc.array(arbLegs, { minLength: 1, maxLength: 8 }).map((ls) => ({ kind: 'request', opcode: 'stitchMany', legs: ls })),
       fc.tuple(fc.constantFrom(...results), arbInfo).map(([res, i]) => ({ kind: 'response', opcode: 'discover', result: res, ...(res === 'SUCCESS' && { info: i }) })),
       fc.tuple(fc.constantFrom(...results), id, state, fc.boolean()).map(([res, i, st, ex]) => ({ kind: 'response', opcode: 'stitch', result: res, ...(res === 'SUCCESS' && { stitch: { id: i, state: st, existing: ex } }) })),
       fc.tuple(fc.constantFrom(...results), arbStatus).map(([res, s]) => ({ kind: 'response', opcode: 'unstitch', result: res, ...(res === 'SUCCESS' && { status: s }) })),
       fc.tuple(fc.constantFrom(...results), fc.array(arbRecord, { maxLength: 5 }), fc.boolean()).map(([res, recs, more]) => ({ kind: 'response', opcode: 'query', result: res, ...(res === 'SUCCESS' && { query: { stitches: recs, more } }) })),
       fc.constantFrom(...results).map((res) => ({ kind: 'response', opcode: 'notify', result: res })),
+      fc.tuple(fc.constantFrom(...results), fc.array(fc.tuple(fc.constantFrom(...results), id, state, fc.boolean()), { minLength: 1, maxLength: 10 })).map(([res, es]) => ({
+        kind: 'response', opcode: 'stitchMany', result: res,
+        ...(res === 'SUCCESS' && { entries: es.map(([r, i, st, ex]) => (r === 'SUCCESS' ? { result: r, stitch: { id: i, state: st, existing: ex } } : { result: r })) }),
+      })),
     ),
     u32,
   ).map(([c, body, epoch]) => {

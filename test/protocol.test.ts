@@ -65,7 +65,8 @@ describe('protocol', () => {
 
     it('protocol.md - has examples of every opcode in both directions, and the bare replies', () => {
       const ids = new Set(all.map((e) => e.id));
-      for (const op of Object.keys(OPCODES)) {
+      for (const name of Object.keys(OPCODES)) {
+        const op = name.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`); // stitchMany: stitch-many
         assert.ok([...ids].some((id) => id.startsWith(`${op}-request`)), `no ${op} request example`);
         assert.ok([...ids].some((id) => id.startsWith(`${op}-response`) || id === `${op}-ack`), `no ${op} response example`);
       }
