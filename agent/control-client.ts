@@ -14,7 +14,7 @@ import { ClosedError, InvalidArgumentError, SwitchError } from '../sdk/errors.ts
 import { componentLogger, type Logger } from '../sdk/log.ts';
 import type { StitchStatus } from '../switch/stitch-types.ts';
 import {
-  DEFAULT_PORT, MAX_STITCH_MANY, PROTOCOL_VERSION, ZERO_BOOT_ID, decode, encode, isControlProtocolError, newNonce, newReasonCounters, nextSequence,
+  CONTROL_RECV_BUFFER, DEFAULT_PORT, MAX_STITCH_MANY, PROTOCOL_VERSION, ZERO_BOOT_ID, decode, encode, isControlProtocolError, newNonce, newReasonCounters, nextSequence,
   type Key, type Message, type Opcode, type ReasonCounters, type RejectReason, type Request, type Response,
   type ResultCode, type StitchLegs, type StitchRecord, type StitchResult, type SwitchInfo, type NotifyRequest,
 } from '../switch/protocol.ts';
@@ -277,7 +277,8 @@ class ControlClientImpl extends EventEmitter<ControlClientEvents> implements Con
     if (this.closed) throw new ClosedError('control client closed');
     if (this.socket) return this.socket;
     this.binding ??= (async () => {
-      const s = DgramAsPromised.createSocket({ type: 'udp4', ...(this.dgram && { dgram: this.dgram }) });
+      // Room for the replies to all requests in flight at once (see the switch's control socket).
+      const s = DgramAsPromised.createSocket({ type: 'udp4', recvBufferSize: CONTROL_RECV_BUFFER, ...(this.dgram && { dgram: this.dgram }) });
       s.socket.on('error', (err) => this.log.warn('control socket error', { err }));
       s.socket.on('message', (msg: Buffer, rinfo: dgramModule.RemoteInfo) => this.onDatagram(msg, rinfo));
       await s.bind(0, this.localAddress);

@@ -7,11 +7,12 @@
 //             (state, legs, commit entries, in that order, so the commit-key pattern holds per batch);
 //  - control protocol: stitch() calls over UDP on 127.0.0.1 (HMAC-authenticated, 256 in flight: as
 //             many as the agent has in flight for `stitch --all`; the client sends the calls of one
-//             event-loop turn as STITCH_MANY, ten per datagram) from the agent's control client to
-//             the switch's control server, whose datapath installs with StitchMaps.install into the
-//             same maps. Client and server share this one process.
+//             event-loop turn as STITCH_MANY, ten per datagram) from the agent's control client (in
+//             a process of its own, bench/control-load.ts) to the switch's control server here,
+//             whose datapath installs with StitchMaps.install into the same maps.
 import winston from 'winston';
-import { createControlClient } from '../agent/control-client.ts';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import {
   FLOW_DIR_SIZE, FLOW_SYN, FLOW_VAL_SIZE, LEG_VAL_SIZE, MAX_STITCHES, SIDE_CLIENT, SIDE_CORE, STITCH_CFG_SIZE, STITCH_STATE_SIZE,
   decodeFlowVal, encodeFlowKey, encodeLegVal, encodeStitchCfg, encodeStitchStateInit, u32Key,
@@ -20,7 +21,10 @@ import { createSwitchControl } from '../switch/control-server.ts';
 import { StitchMaps, clientLegKey, computeStitchCfg, coreLegKey, openStitchObject } from '../switch/datapath.ts';
 import { ALL_TRANSLATIONS, generateKey, type Datapath, type StitchLegs, type StitchSpec } from '../switch/index.ts';
 import * as native from '../switch/native/index.ts';
+import { nodeCommand } from '../test/hosts.ts';
 import { quantile } from './bed.ts';
+
+const run = promisify(execFile);
 
 export interface InstallRates {
   stitches: number;
@@ -31,7 +35,8 @@ export interface InstallRates {
 
 const silent = winston.createLogger({ silent: true, transports: [new winston.transports.Console({ silent: true })] });
 
-function legs(i: number, shell: string): StitchLegs {
+/** The legs of stitch i (bench/control-load.ts sends the same). */
+export function legs(i: number, shell: string): StitchLegs {
   return {
     clientLeg: { client: { address: '198.18.1.2', port: 10000 + i }, shell: { address: shell, port: 8080 } },
     coreLeg: { shell: { address: shell, port: 20000 + i }, core: { address: '198.18.3.2', port: 9000 } },
@@ -150,26 +155,13 @@ async function throughControl(maps: StitchMaps): Promise<InstallRates['control']
     rateLimit: { perSecond: 1_000_000, burst: 1_000_000 },
   });
   const { port } = await sw.start();
-  const client = createControlClient({ switchAddress: '127.0.0.1', port, key, logger: silent, retransmit: { initialMs: 500, maxMs: 2000, totalMs: 20_000 } });
+  // The agent's side runs in a process of its own (bench/control-load.ts), as it does deployed.
+  const n = MAX_STITCHES - 96, inFlight = 256;
   try {
-    await client.discover();
-    const n = MAX_STITCHES - 96, inFlight = 256;
-    const ids: number[] = [];
-    const pool = async (count: number, job: (i: number) => Promise<void>) => {
-      let next = 0;
-      await Promise.all(Array.from({ length: inFlight }, async () => { while (next < count) await job(next++); }));
-    };
-    const before = client.counters().requests;
-    const t0 = performance.now();
-    await pool(n, async (i) => { ids.push((await client.stitch(legs(i, '127.0.0.1'))).id); });
-    const installMs = performance.now() - t0;
-    const datagrams = client.counters().requests - before;
-    const t1 = performance.now();
-    await pool(ids.length, async (i) => { await client.unstitch(ids[i]!); });
-    const removeMs = performance.now() - t1;
-    return { perSecond: n / (installMs / 1000), removalsPerSecond: ids.length / (removeMs / 1000), inFlight, n, retransmissions: client.counters().retransmissions, datagrams };
+    const [cmd, args] = nodeCommand('bench/control-load.ts', [String(port), String(key.id), key.secret.toString('hex'), String(n), String(inFlight)]);
+    const r = await run(cmd, args, { timeout: 120_000 });
+    return JSON.parse(r.stdout.trim().split('\n').at(-1)!) as InstallRates['control'];
   } finally {
-    await client.close();
     await sw.close();
     for (const i of installed.values()) maps.remove(i);
   }

@@ -9,7 +9,7 @@ import { InvalidArgumentError, StitchError } from '../sdk/errors.ts';
 import { componentLogger, type Logger } from '../sdk/log.ts';
 import type { Datapath, StitchSpec, StitchState, StitchStatus } from './stitch-types.ts';
 import {
-  DEFAULT_PORT, MAX_QUERY_RECORDS, OPCODES, RESULT_FOR_DECODE_REASON, encode, encodeBareResponse, decode,
+  CONTROL_RECV_BUFFER, DEFAULT_PORT, MAX_QUERY_RECORDS, OPCODES, RESULT_FOR_DECODE_REASON, encode, encodeBareResponse, decode,
   isControlProtocolError, newNonce, newBootId, newReasonCounters, readPrefix,
   type Key, type Message, type Opcode, type ReasonCounters, type RejectReason, type Request, type Response,
   type ResultCode, type StitchLegs, type StitchManyEntry, type StitchManyResponse, type StitchRecord, type StitchResponse,
@@ -50,7 +50,9 @@ export interface SwitchControlInit {
 }
 
 export const DEFAULT_RATE_LIMIT: Readonly<{ perSecond: number; burst: number }> = { perSecond: 200, burst: 400 };
-export const DEFAULT_RESPONSE_CACHE: Readonly<{ ttlMs: number; perKey: number; maxHits: number }> = { ttlMs: 30_000, perKey: 256, maxHits: 8 };
+// perKey: far above the agent's 256 requests in flight, so that a reply lost among them is still cached
+// when its retransmission comes (else the retry is REPLAYED, and an UNSTITCH sent again finds nothing).
+export const DEFAULT_RESPONSE_CACHE: Readonly<{ ttlMs: number; perKey: number; maxHits: number }> = { ttlMs: 30_000, perKey: 4096, maxHits: 8 };
 export const DEFAULT_NOTIFY_RETRANSMIT: RetransmitPolicy = { initialMs: 250, maxMs: 2_000, totalMs: 10_000 };
 const RATE_BUCKETS_MAX = 4096;
 
@@ -202,7 +204,10 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
     if (this.closed) throw new StitchError('switch control was closed; create a new one', 'TCP_STITCH_CLOSED');
     if (this.bound) return this.bound;
     this.adoptStitches();
-    const socket = DgramAsPromised.createSocket({ type: 'udp4', ...(this.dgram && { dgram: this.dgram }) });
+    // A burst of requests (an agent keeps 256 in flight) must not overflow the default 208 KiB of
+    // receive buffer: each lost one costs its sender a retransmission timeout. The kernel caps this
+    // at net.core.rmem_max.
+    const socket = DgramAsPromised.createSocket({ type: 'udp4', recvBufferSize: CONTROL_RECV_BUFFER, ...(this.dgram && { dgram: this.dgram }) });
     socket.socket.on('error', (err) => this.log.warn('control socket error', { err }));
     const addr = await socket.bind(this.port, this.discovery.shell.address);
     this.socket = socket;

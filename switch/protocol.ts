@@ -23,6 +23,8 @@ export const SUPPORTED_VERSIONS = { min: 1, max: 1 } as const;
 export const MAX_MESSAGE_SIZE = 1100;
 /** Default UDP port of the switch, for DISCOVER and control alike (one socket, see docs/protocol.md). */
 export const DEFAULT_PORT = 7807;
+/** Receive buffer both ends ask for on their control sockets (capped by net.core.rmem_max). */
+export const CONTROL_RECV_BUFFER = 4 << 20;
 
 export const PREFIX_SIZE = 16;
 export const REQUEST_HEADER_SIZE = 24;
