@@ -14,7 +14,7 @@ import { ClosedError, InvalidArgumentError, SwitchError } from '../sdk/errors.ts
 import { componentLogger, type Logger } from '../sdk/log.ts';
 import type { StitchStatus } from '../switch/stitch-types.ts';
 import {
-  CONTROL_RECV_BUFFER, DEFAULT_PORT, MAX_STITCH_MANY, PROTOCOL_VERSION, ZERO_BOOT_ID, decode, encode, isControlProtocolError, newNonce, newReasonCounters, nextSequence,
+  CONTROL_RECV_BUFFER, DEFAULT_PORT, checkStitchLegs, MAX_STITCH_MANY, PROTOCOL_VERSION, ZERO_BOOT_ID, decode, encode, isControlProtocolError, newNonce, newReasonCounters, nextSequence,
   type Key, type Message, type Opcode, type ReasonCounters, type RejectReason, type Request, type Response,
   type ResultCode, type StitchLegs, type StitchRecord, type StitchResult, type SwitchInfo, type NotifyRequest,
 } from '../switch/protocol.ts';
@@ -177,7 +177,7 @@ class ControlClientImpl extends EventEmitter<ControlClientEvents> implements Con
     const { clientLeg, coreLeg, clientOffset, corePreambleLength, shellOffset, coreAnswerLength } = legs;
     const clean: StitchLegs = { clientLeg, coreLeg, clientOffset, corePreambleLength, shellOffset, coreAnswerLength };
     // Validate now so a bad argument fails here, not as a socket-level surprise.
-    encode({ kind: 'request', opcode: 'stitch', nonce: '0'.repeat(24), bootId: ZERO_BOOT_ID, legs: clean, auth: { keyId: this.key.id, sequence: 0n } }, this.key);
+    checkStitchLegs(clean);
     return new Promise<StitchResult>((resolve, reject) => {
       if (this.closed) return reject(new ClosedError('control client closed'));
       this.stitchQueue.push({ legs: clean, resolve, reject });

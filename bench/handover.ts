@@ -161,6 +161,14 @@ async function one(bed: Bed, round: number, mode: 'mid-load' | 'none' | 'from-st
   ready?.catch(() => undefined);
   const done = waitForLine(client, /^\{/, LOAD_TIMEOUT_MS + (fromStart ? 60_000 : 0));
   done.catch(() => undefined);
+  // Where it stands when something does not finish: the connections still at the shell, by state,
+  // and the drains the switch logged slow.
+  const whereStuck = async () => {
+    const stuck = (await connections(pair).catch(() => [] as ConnView[])).filter((c) => !old.has(c.id));
+    const slow = drainDiagnosis(bed.sw.logs.slice(swLogsFrom));
+    return `${stuck.length} connections still at the shell (${[...new Set(stuck.map((c) => c.state))].join(', ')})` +
+      (slow.length ? `; drains logged slow: ${slow.slice(0, 3).join('; ')}${slow.length > 3 ? `; ... (${slow.length})` : ''}` : '');
+  };
   const run: HandoverRun = { stitched: stitch || fromStart, ...(fromStart && { fromStart }), round, conns, sizeBytes: size, loadMs: NaN, exact: false, c: {} as Counters, b: {} as Counters };
   try {
     if (fromStart) {
@@ -197,13 +205,10 @@ async function one(bed: Bed, round: number, mode: 'mid-load' | 'none' | 'from-st
       run.loadMs = result.ms;
       run.exact = result.ok && result.failed.length === 0;
     } catch {
-      const stuck = mine(await connections(pair));
-      const slow = drainDiagnosis(bed.sw.logs.slice(swLogsFrom));
-      run.error = `the load did not complete within ${LOAD_TIMEOUT_MS / 1000} s: ${stuck.length} connections still at the shell ` +
-        `(${[...new Set(stuck.map((c) => c.state))].join(', ')})${slow.length ? `; drains logged slow: ${slow.slice(0, 3).join('; ')}${slow.length > 3 ? `; ... (${slow.length})` : ''}` : ''}`;
+      run.error = `the load did not complete within ${LOAD_TIMEOUT_MS / 1000} s: ${await whereStuck()}`;
     }
   } catch (e) {
-    run.error = (e as Error).message;
+    run.error = `${(e as Error).message}: ${await whereStuck()}`;
   } finally {
     if (client.exitCode === null && client.signalCode === null) client.kill('SIGKILL'); // ours, by its pid
   }

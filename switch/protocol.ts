@@ -366,6 +366,11 @@ function writeLegs(b: Buffer, off: number, s: StitchLegs): void {
   b.writeUInt32BE(checkUint(s.coreAnswerLength, 32, 'coreAnswerLength'), off + 92);
 }
 
+/** Throws InvalidArgumentError naming the field when `legs` cannot be encoded (as encode would). */
+export function checkStitchLegs(legs: StitchLegs): void {
+  writeLegs(Buffer.allocUnsafe(STITCH_LEGS_SIZE), 0, legs);
+}
+
 type Fail = (reason: DecodeReason, message: string) => never;
 
 function readLegs(b: Buffer, off: number, fail: Fail): StitchLegs {

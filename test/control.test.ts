@@ -158,6 +158,14 @@ describe('control', () => {
     }
   });
 
+  it('control client - stitch() refuses legs it cannot encode, naming the field, and sends nothing', async () => {
+    const { port } = await startSwitch();
+    const c = client(port);
+    await assert.rejects(c.stitch({ ...legsFor(1), clientOffset: -1n }), /clientOffset must be a bigint/);
+    await assert.rejects(c.stitch({ ...legsFor(1), coreLeg: { ...legsFor(1).coreLeg, core: { address: 'b', port: 9000 } } }), /coreLeg\.core\.address must be an IPv4/);
+    assert.equal(c.counters().requests, 0);
+  });
+
   it('control client - a switch that does not know STITCH_MANY (UNSUPP_OPCODE) gets one STITCH per stitch', async () => {
     const { dp, port } = await startSwitch();
     // An "older switch": a relay to the real one that answers opcode 6 itself, as a v1 switch
