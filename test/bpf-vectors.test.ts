@@ -757,6 +757,48 @@ describe('bpf vectors', function () {
     });
   });
 
+  describe('draining: C\'s FIN reached only the shell before the commit', () => {
+    // C sent bytes 0..999 and its FIN; the shell acked both and relayed 400..999 to B (core bytes
+    // 0..636 after the preamble), not yet the FIN; B acked 637. Then the stitch: the shell still
+    // owes B that FIN, and B's ack of it is part of the drain.
+    const run = (input: Buffer) => {
+      const ctxIn = Buffer.alloc(SKB_CTX_SIZE);
+      ctxIn.writeUInt32LE(1, 36);
+      ctxIn.writeUInt32LE(1, 40);
+      const r = progTestRun(t.obj.progFd, input, { ctxIn });
+      return { ret: r.retval, out: parsePacket(r.dataOut) };
+    };
+    before(function () {
+      if (!t.obj) this.skip();
+      t.reset();
+      w = new World(t, { ts: false, sack: false, ws: undefined });
+      w.handshakes();
+      const ok = (description: string, input: Buffer) => t.vector({ description, input, expectedOutput: input, expectedReturn: TC_ACT_OK });
+      ok('C data 0..999 and FIN', w.c2a({ seq: w.sC(0), ack: w.sAc(0), flags: 'FPA', payload: 1000, win: 100 }));
+      ok('shell acks C and its FIN', w.a2c({ seq: w.sAc(0), ack: w.sC(1001), win: 200 }));
+      ok('shell preamble + relay to B', w.a2b({ seq: w.sAv(0), ack: w.sB(0), flags: 'PA', payload: 637, win: 100 }));
+      ok('B acks 637', w.b2a({ seq: w.sB(0), ack: w.sAv(637), win: 30 }));
+      t.maps.install(w.spec, { drain: true });
+    });
+
+    it('draining - the end is recorded at the commit; the shell\'s FIN relaying it passes to B, any other shell FIN is dropped; B\'s ack of it is seen', () => {
+      run(w.b2a({ seq: w.sB(0), ack: w.sAv(637), win: 30 })); // the first packet after the commit
+      let st = t.maps.state(w.id)!;
+      assert.equal(st.phase, PHASE_DRAINING, 'B has not acknowledged the FIN the shell was handed');
+      assert.equal(st.term, TERM_FIN << SIDE_CLIENT);
+      assert.equal(st.side[SIDE_CLIENT].finSeq, w.sC(1000));
+      const early = run(w.a2b({ seq: w.sAv(600), ack: w.sB(0), flags: 'FA', win: 100 }));
+      assert.equal(early.ret, TC_ACT_SHOT, 'a shell FIN anywhere else is the shell\'s own');
+      const fin = run(w.a2b({ seq: w.sAv(637), ack: w.sB(0), flags: 'FA', win: 100 }));
+      assert.equal(fin.ret, TC_ACT_OK);
+      assert.deepEqual([fin.out.seq, fin.out.flags.includes('F')], [w.sAv(637), true], 'the FIN, at the end of what the shell relayed');
+      assert.equal(t.maps.state(w.id)!.side[SIDE_CORE].seqSent, w.sAv(638), 'made-up seqs toward B start past the FIN');
+      run(w.b2a({ seq: w.sB(0), ack: w.sAv(638), win: 30 }));
+      st = t.maps.state(w.id)!;
+      assert.equal(st.term, (TERM_FIN | TERM_FIN_ACKED) << SIDE_CLIENT, 'B acknowledged C\'s FIN');
+    });
+  });
+
   describe('draining: an idle shell (the far ends can take everything)', () => {
     // Before the stitch: C sent 400 bytes (the link's share), the shell acked them, window 100<<9;
     // the shell greeted C with 200 bytes, C acked, window 300<<7; the shell sent B the 37-byte

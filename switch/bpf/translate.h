@@ -126,6 +126,15 @@ static __always_inline __u32 take_snapshot(const struct stitch_cfg *sc, struct s
 		ss->ack_sent = f->dir[0].ack_hi;
 		ss->ts_seen = f->dir[0].tsval_hi;
 		ss->seq_sent = f->dir[0].seq_hi;
+		/* Far s's FIN reached only the shell before the commit (the agent saw the connection
+		 * open, the kernel had the FIN): the end is recorded here, and the shell's FIN relaying it
+		 * to far o passes (stitch_from_shell). */
+		if (f->dir[1].flags & FLOW_FIN) {
+			ss->fin_seq = f->dir[1].fin_seq;
+			__sync_fetch_and_or(&st->term, TERM_FIN << s);
+			if ((fo->dir[1].flags & FLOW_ACKED) && seq_after(fo->dir[1].ack_hi, ss->fin_seq + sc->side[s].seq_delta))
+				__sync_fetch_and_or(&st->term, TERM_FIN_ACKED << s);
+		}
 	}
 	st->first_ns = now;
 	next = (sc->flags & STITCH_START_STITCHED) ? PHASE_STITCHED : PHASE_DRAINING;
@@ -405,7 +414,7 @@ __attribute__((noinline)) int stitch_from_shell(struct __sk_buff *skb, __u32 id,
 	struct stitch_state_side *ss, *so;
 	struct flow_val *fs, *fo;
 	__u64 now = bpf_ktime_get_ns();
-	__u32 o, phase, d, nack, edge;
+	__u32 o, phase, d, nack, edge, fin;
 	struct pkt *p;
 
 	if (!skb || !scr || !sc || !st || st->gen != sc->gen)
@@ -418,8 +427,12 @@ __attribute__((noinline)) int stitch_from_shell(struct __sk_buff *skb, __u32 id,
 	phase = take_snapshot(sc, st, now);
 	if (phase == PHASE_FAILED)
 		return TC_ACT_OK;
+	/* The shell's FIN goes on only as the relay of far o's FIN that reached the shell alone,
+	 * before the commit: without it far s never gets that end, and the drain never completes. */
+	fin = (p->flags & TCP_FIN) && (READ_ONCE32(st->term) & (TERM_FIN << o)) &&
+	      p->seq + p->payload == so->fin_seq + sc->side[o].seq_delta;
 	if (phase != PHASE_DRAINING || (sc->flags & STITCH_FORCE_STITCHED) ||
-	    (p->flags & (TCP_SYN | TCP_FIN | TCP_RST)))
+	    (p->flags & (TCP_SYN | TCP_RST)) || ((p->flags & TCP_FIN) && !fin))
 		goto drop;
 	fs = leg_flow(sc, s);
 	fo = leg_flow(sc, o);
@@ -435,7 +448,7 @@ __attribute__((noinline)) int stitch_from_shell(struct __sk_buff *skb, __u32 id,
 	d = sc->side[s].seq_delta;
 	/* ack: at least what far o acknowledged of stream s (mapped back to leg s) */
 	nack = seq_max(p->ack, so->ack_far - d);
-	if (!p->payload) {
+	if (!p->payload && !fin) {
 		if (!seq_raise(&ss->ack_sent, nack))
 			goto drop; /* a pure ACK that raises nothing: far s has seen better */
 	} else {
@@ -450,8 +463,8 @@ __attribute__((noinline)) int stitch_from_shell(struct __sk_buff *skb, __u32 id,
 	if (p->sack_off)
 		sack_rewrite(scr, 0, nack, 1, ss->boundary, 1);
 
-	if (p->payload)
-		seq_raise(&ss->seq_sent, p->seq + p->payload);
+	if (p->payload || fin)
+		seq_raise(&ss->seq_sent, p->seq + p->payload + fin);
 	__sync_fetch_and_add(&ss->shell_passed, 1);
 	stat_inc(ST_SHELL_PASSED);
 	drain_check(sc, st, now);
