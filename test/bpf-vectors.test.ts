@@ -799,6 +799,28 @@ describe('bpf vectors', function () {
     });
   });
 
+  describe('draining: C\'s RST reached only the shell before the commit', () => {
+    before(function () {
+      if (!t.obj) this.skip();
+      t.reset();
+      w = new World(t, { ts: false, sack: false, ws: undefined });
+      w.handshakes();
+      const rst = w.c2a({ seq: w.sC(0), ack: w.sAc(0), flags: 'RA', win: 0 });
+      t.vector({ description: 'C resets', input: rst, expectedOutput: rst, expectedReturn: TC_ACT_OK });
+      t.maps.install(w.spec, { drain: true });
+    });
+
+    it('draining - the reset is recorded at the commit (closed, client-rst) and the shell\'s RST relaying it passes to B', () => {
+      const shellRst = w.a2b({ seq: w.sAv(0), ack: w.sB(0), flags: 'RA', win: 0 });
+      t.vector({ description: 'shell RST to B', input: shellRst, expectedOutput: shellRst, expectedReturn: TC_ACT_OK });
+      const st = t.maps.state(w.id)!;
+      assert.equal(st.term, TERM_RST << SIDE_CLIENT);
+      assert.deepEqual([statusOf(w.id, st).state, statusOf(w.id, st).reason], ['closed', 'client-rst']);
+      const toC = w.a2c({ seq: w.sAc(0), ack: w.sC(0), flags: 'RA', win: 0 });
+      t.vector({ description: 'shell RST to C (B never reset)', input: toC, expectedOutput: toC, expectedReturn: TC_ACT_SHOT });
+    });
+  });
+
   describe('draining: an idle shell (the far ends can take everything)', () => {
     // Before the stitch: C sent 400 bytes (the link's share), the shell acked them, window 100<<9;
     // the shell greeted C with 200 bytes, C acked, window 300<<7; the shell sent B the 37-byte

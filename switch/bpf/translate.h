@@ -126,9 +126,11 @@ static __always_inline __u32 take_snapshot(const struct stitch_cfg *sc, struct s
 		ss->ack_sent = f->dir[0].ack_hi;
 		ss->ts_seen = f->dir[0].tsval_hi;
 		ss->seq_sent = f->dir[0].seq_hi;
-		/* Far s's FIN reached only the shell before the commit (the agent saw the connection
-		 * open, the kernel had the FIN): the end is recorded here, and the shell's FIN relaying it
-		 * to far o passes (stitch_from_shell). */
+		/* Far s's FIN or RST reached only the shell before the commit (the agent saw the
+		 * connection open, the kernel had the end): the end is recorded here, and the shell's FIN
+		 * or RST relaying it to far o passes (stitch_from_shell). */
+		if (f->dir[1].flags & FLOW_RST)
+			__sync_fetch_and_or(&st->term, TERM_RST << s);
 		if (f->dir[1].flags & FLOW_FIN) {
 			ss->fin_seq = f->dir[1].fin_seq;
 			__sync_fetch_and_or(&st->term, TERM_FIN << s);
@@ -428,9 +430,15 @@ __attribute__((noinline)) int stitch_from_shell(struct __sk_buff *skb, __u32 id,
 	if (phase == PHASE_FAILED)
 		return TC_ACT_OK;
 	/* The shell's FIN goes on only as the relay of far o's FIN that reached the shell alone,
-	 * before the commit: without it far s never gets that end, and the drain never completes. */
+	 * before the commit: without it far s never gets that end, and the drain never completes.
+	 * Its RST likewise, as the relay of far o's RST: far s would wait forever. */
 	fin = (p->flags & TCP_FIN) && (READ_ONCE32(st->term) & (TERM_FIN << o)) &&
 	      p->seq + p->payload == so->fin_seq + sc->side[o].seq_delta;
+	if ((p->flags & TCP_RST) && (READ_ONCE32(st->term) & (TERM_RST << o)) && phase == PHASE_DRAINING) {
+		__sync_fetch_and_add(&ss->shell_passed, 1);
+		stat_inc(ST_SHELL_PASSED);
+		return TC_ACT_OK;
+	}
 	if (phase != PHASE_DRAINING || (sc->flags & STITCH_FORCE_STITCHED) ||
 	    (p->flags & (TCP_SYN | TCP_RST)) || ((p->flags & TCP_FIN) && !fin))
 		goto drop;
