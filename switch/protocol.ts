@@ -430,6 +430,10 @@ function manyCount(n: number, what: string): number {
   return n;
 }
 
+function checkManyCount(count: number, fail: Fail): void {
+  if (count === 0 || count > MAX_STITCH_MANY) fail('bad-field', `STITCH_MANY count ${count}, expected 1..${MAX_STITCH_MANY}`);
+}
+
 function writeStitchResult(b: Buffer, off: number, s: StitchResult): void {
   if (checkUint(s.id, 32, 'stitch.id') === 0) bad('stitch.id must not be 0');
   const state = STITCH_STATES[s.state];
@@ -699,8 +703,7 @@ export function decode(input: Uint8Array, keys?: KeyRing): Message {
   }
   if (opcode === 'stitchMany' && (!response || success)) {
     if (b.length < headerSize + MANY_HEADER_SIZE) fail('truncated', 'STITCH_MANY count cut short');
-    count = b[headerSize]!;
-    if (count === 0 || count > MAX_STITCH_MANY) fail('bad-field', `STITCH_MANY count ${count}, expected 1..${MAX_STITCH_MANY}`);
+    count = b[headerSize]!; // its range is content, checked after authentication
   }
   const body = bodySize(opcode, response, success, count);
   const optionsStart = headerSize + body;
@@ -763,6 +766,7 @@ export function decode(input: Uint8Array, keys?: KeyRing): Message {
       }
       case 'notify': return { kind: 'request', opcode, ...base, status: readStatus(b, off, fail) };
       case 'stitchMany': {
+        checkManyCount(count, fail);
         const legs: StitchLegs[] = [];
         for (let i = 0; i < count; i++) legs.push(readLegs(b, off + MANY_HEADER_SIZE + i * STITCH_LEGS_SIZE, fail));
         return { kind: 'request', opcode, ...base, legs };
@@ -775,6 +779,7 @@ export function decode(input: Uint8Array, keys?: KeyRing): Message {
     case 'discover': return { ...rb, opcode, ...base, info: readInfo(b, off, fail) };
     case 'stitch': return { ...rb, opcode, ...base, stitch: readStitchResult(b, off, fail) };
     case 'stitchMany': {
+      checkManyCount(count, fail);
       const entries: StitchManyEntry[] = [];
       for (let i = 0; i < count; i++) {
         const o = off + MANY_HEADER_SIZE + i * STITCH_RESULT_SIZE;

@@ -5,7 +5,7 @@ import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { InvalidArgumentError, ProtocolError } from '../sdk/errors.ts';
 import {
-  AUTH_OPTION_SIZE, DECODE_REASONS, DISCOVER_REPLY_SIZE, MAX_MESSAGE_SIZE, MAX_QUERY_RECORDS, OPCODES, PROTOCOL_VERSION,
+  AUTH_OPTION_SIZE, DECODE_REASONS, DISCOVER_REPLY_SIZE, MAX_MESSAGE_SIZE, MAX_QUERY_RECORDS, MAX_STITCH_MANY, OPCODES, PROTOCOL_VERSION,
   REQUEST_HEADER_SIZE, computeMac, decode, encode, encodeBareResponse, isControlProtocolError, messageFromJson, newNonce,
   readPrefix, type DecodeReason, type Key, type Message, type StitchLegs,
 } from '../switch/protocol.ts';
@@ -194,6 +194,26 @@ describe('protocol', () => {
       assert.equal(reasonOf(() => decode(pad, KEY)), 'duplicate-option');
       const authFirst = Buffer.concat([b, Buffer.from([200, 0, 0, 0])]);
       assert.equal(reasonOf(() => decode(authFirst, KEY)), 'auth-not-last');
+    });
+
+    it('codec - STITCH_MANY: 1 to 10 legs; a count out of range is judged after the MAC (bad-field), one past the datagram is truncated', () => {
+      const many = (n: number): Message => ({ kind: 'request', opcode: 'stitchMany', nonce: newNonce(), bootId: '0102030405060708', legs: Array.from({ length: n }, () => legs), auth: { keyId: KEY.id, sequence: 1n } });
+      assert.equal(MAX_STITCH_MANY, 10);
+      assert.ok(encode(many(10), KEY).length <= MAX_MESSAGE_SIZE);
+      assert.throws(() => encode(many(0), KEY), /STITCH_MANY carries 1 to 10 legs, got 0/);
+      assert.throws(() => encode(many(11), KEY), /STITCH_MANY carries 1 to 10 legs, got 11/);
+      const b = encode(many(2), KEY);
+      b[REQUEST_HEADER_SIZE] = 0; // count 0, now 96 bytes of legs read as options
+      assert.equal(reasonOf(() => decode(b, KEY)), 'bad-option-length', 'the bytes after a 4-byte body are no options');
+      const two = encode(many(2), KEY);
+      two[REQUEST_HEADER_SIZE] = 3;
+      assert.equal(reasonOf(() => decode(two, KEY)), 'truncated');
+      const one = encode(many(1), KEY);
+      const zero = Buffer.concat([one.subarray(0, REQUEST_HEADER_SIZE + 4), one.subarray(one.length - AUTH_OPTION_SIZE)]);
+      zero[REQUEST_HEADER_SIZE] = 0;
+      assert.equal(reasonOf(() => decode(zero, KEY)), 'bad-mac', 'the MAC is checked first');
+      computeMac(KEY.secret, zero.subarray(0, zero.length - 32)).copy(zero, zero.length - 32);
+      assert.equal(reasonOf(() => decode(zero, KEY)), 'bad-field');
     });
 
     it('codec - body fields: non-mapped address, zero id, unknown state', () => {
