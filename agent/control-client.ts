@@ -189,10 +189,11 @@ class ControlClientImpl extends EventEmitter<ControlClientEvents> implements Con
   private flushStitches(): void {
     this.stitchFlush = undefined;
     const queue = this.stitchQueue.splice(0);
+    const oneEach = (chunk: typeof queue) => { for (const q of chunk) this.stitchOne(q.legs).then(q.resolve, q.reject); };
     for (let i = 0; i < queue.length; i += MAX_STITCH_MANY) {
       const chunk = queue.slice(i, i + MAX_STITCH_MANY);
       if (chunk.length === 1 || this.manyUnsupported) {
-        for (const q of chunk) this.stitchOne(q.legs).then(q.resolve, q.reject);
+        oneEach(chunk);
         continue;
       }
       // Legs are explicit, so a STITCH_MANY refused as STALE_BOOT is re-sent to the new boot.
@@ -206,7 +207,7 @@ class ControlClientImpl extends EventEmitter<ControlClientEvents> implements Con
         if (err instanceof SwitchRequestError && err.result === 'UNSUPP_OPCODE') {
           this.manyUnsupported = true;
           this.log.info('the switch does not know STITCH_MANY: one STITCH per stitch');
-          for (const q of chunk) this.stitchOne(q.legs).then(q.resolve, q.reject);
+          oneEach(chunk);
         } else for (const q of chunk) q.reject(err);
       });
     }

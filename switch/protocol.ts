@@ -425,13 +425,15 @@ function readStatus(b: Buffer, off: number, fail: Fail): StitchStatus {
   return status;
 }
 
+const manyCountOk = (n: number) => n >= 1 && n <= MAX_STITCH_MANY;
+
 function manyCount(n: number, what: string): number {
-  if (n < 1 || n > MAX_STITCH_MANY) bad(`STITCH_MANY carries 1 to ${MAX_STITCH_MANY} ${what}, got ${n}`);
+  if (!manyCountOk(n)) bad(`STITCH_MANY carries 1 to ${MAX_STITCH_MANY} ${what}, got ${n}`);
   return n;
 }
 
 function checkManyCount(count: number, fail: Fail): void {
-  if (count === 0 || count > MAX_STITCH_MANY) fail('bad-field', `STITCH_MANY count ${count}, expected 1..${MAX_STITCH_MANY}`);
+  if (!manyCountOk(count)) fail('bad-field', `STITCH_MANY count ${count}, expected 1..${MAX_STITCH_MANY}`);
 }
 
 function writeStitchResult(b: Buffer, off: number, s: StitchResult): void {

@@ -167,13 +167,18 @@ class Harness {
     this.maps.writeConfig({ ...this.cfg, ...cfg });
   }
 
+  /** Runs the program on one frame, as received on lo (ifindex 1) unless told otherwise. */
+  run(input: Buffer, { mark = 0, ingressIfindex = 1 }: Pick<Vector, 'mark' | 'ingressIfindex'> = {}) {
+    const ctxIn = Buffer.alloc(SKB_CTX_SIZE);
+    ctxIn.writeUInt32LE(mark >>> 0, 8);
+    ctxIn.writeUInt32LE(ingressIfindex, 36);
+    ctxIn.writeUInt32LE(1, 40);
+    return progTestRun(this.obj.progFd, input, { ctxIn });
+  }
+
   /** Runs one vector and checks it: return code, the whole output frame, and its checksums. */
   vector(v: Vector): Buffer {
-    const ctxIn = Buffer.alloc(SKB_CTX_SIZE);
-    ctxIn.writeUInt32LE((v.mark ?? 0) >>> 0, 8);
-    ctxIn.writeUInt32LE(v.ingressIfindex ?? 1, 36);
-    ctxIn.writeUInt32LE(1, 40);
-    const r = progTestRun(this.obj.progFd, v.input, { ctxIn });
+    const r = this.run(v.input, v);
     assert.equal(r.retval, v.expectedReturn, `${v.description}: return code`);
     const out = r.dataOut;
     if (!out.equals(v.expectedOutput)) {
@@ -539,11 +544,7 @@ describe('bpf vectors', function () {
       const input = w.c2a({ seq: w.sC(564), ack: w.sAc(251), flags: 'PA', win: 29200, payload: 8 });
       t.vector({ description: 'C->A forwarded', ingressIfindex: 2, input, expectedOutput: input, expectedReturn: TC_ACT_OK });
       const fromB = w.b2a({ seq: w.sB(12), ack: w.sAv(w.kToM(564)), win: 1000 });
-      const ctxIn = Buffer.alloc(SKB_CTX_SIZE);
-      ctxIn.writeUInt32LE(DEFAULT_CLONE_MARK + 1, 8);
-      ctxIn.writeUInt32LE(1, 36);
-      ctxIn.writeUInt32LE(1, 40);
-      const r = progTestRun(t.obj.progFd, fromB, { ctxIn });
+      const r = t.run(fromB, { mark: DEFAULT_CLONE_MARK + 1 });
       assert.equal(r.retval, TC_ACT_OK);
       assert.ok(r.dataOut.equals(fromB), 'untouched');
       assert.equal(r.ctxOut!.readUInt32LE(8), 0, 'the pass mark is cleared');
@@ -762,10 +763,7 @@ describe('bpf vectors', function () {
     // 0..636 after the preamble), not yet the FIN; B acked 637. Then the stitch: the shell still
     // owes B that FIN, and B's ack of it is part of the drain.
     const run = (input: Buffer) => {
-      const ctxIn = Buffer.alloc(SKB_CTX_SIZE);
-      ctxIn.writeUInt32LE(1, 36);
-      ctxIn.writeUInt32LE(1, 40);
-      const r = progTestRun(t.obj.progFd, input, { ctxIn });
+      const r = t.run(input);
       return { ret: r.retval, out: parsePacket(r.dataOut) };
     };
     before(function () {

@@ -416,7 +416,7 @@ __attribute__((noinline)) int stitch_from_shell(struct __sk_buff *skb, __u32 id,
 	struct stitch_state_side *ss, *so;
 	struct flow_val *fs, *fo;
 	__u64 now = bpf_ktime_get_ns();
-	__u32 o, phase, d, nack, edge, fin;
+	__u32 o, phase, d, nack, edge, term, fin;
 	struct pkt *p;
 
 	if (!skb || !scr || !sc || !st || st->gen != sc->gen)
@@ -432,9 +432,10 @@ __attribute__((noinline)) int stitch_from_shell(struct __sk_buff *skb, __u32 id,
 	/* The shell's FIN goes on only as the relay of far o's FIN that reached the shell alone,
 	 * before the commit: without it far s never gets that end, and the drain never completes.
 	 * Its RST likewise, as the relay of far o's RST: far s would wait forever. */
-	fin = (p->flags & TCP_FIN) && (READ_ONCE32(st->term) & (TERM_FIN << o)) &&
+	term = READ_ONCE32(st->term);
+	fin = (p->flags & TCP_FIN) && (term & (TERM_FIN << o)) &&
 	      p->seq + p->payload == so->fin_seq + sc->side[o].seq_delta;
-	if ((p->flags & TCP_RST) && (READ_ONCE32(st->term) & (TERM_RST << o)) && phase == PHASE_DRAINING) {
+	if ((p->flags & TCP_RST) && (term & (TERM_RST << o)) && phase == PHASE_DRAINING) {
 		__sync_fetch_and_add(&ss->shell_passed, 1);
 		stat_inc(ST_SHELL_PASSED);
 		return TC_ACT_OK;
