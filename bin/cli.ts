@@ -3,7 +3,7 @@
 import net from 'node:net';
 import { once } from 'node:events';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { createCore, createShell, relay, defaultLogger, type Logger } from '../sdk/index.ts';
+import { createCore, createShell, spliceRelay, defaultLogger, type Logger } from '../sdk/index.ts';
 import { hostPort, UsageError } from './args.ts';
 import { askControl, defaultControlPath, serveControl } from './control.ts';
 
@@ -86,9 +86,10 @@ async function cmdCore(v: Values): Promise<number> {
   const log = defaultLogger();
   const core = createCore({ logger: log, coreKey: await loadCoreKey(v['key-file'] as string | undefined) });
   core.on('connection', (conn) => {
-    // The backend sees one ordinary TCP connection per logical connection, whatever its phase.
+    // The backend sees one ordinary TCP connection per logical connection, whatever its phase. The
+    // kernel relays between the two (splice): stitched, this is the only hop B adds to the path.
     const backend = net.connect({ host: forward.host, port: forward.port, allowHalfOpen: true, noDelay: true });
-    relay(conn.stream, backend, {
+    spliceRelay(conn.stream, backend, {
       onReset: (from, err) => log.info('connection reset', { connectionId: conn.id, from: from === 'a' ? 'core leg' : 'backend', error: err.message }),
     });
   });

@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// Builds the native parts: the switch's eBPF object (clang) and its map addon (node-gyp).
+// Builds the native parts: the switch's eBPF object (clang), its map addon and the SDK's splice relay
+// addon (node-gyp).
 // Runs as the root package's postinstall because npm 11 runs no dependency's script it was not told to.
 import { spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -9,9 +10,9 @@ import { fileURLToPath } from 'node:url';
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const steps = [
   { dir: 'switch/bpf', when: 'Makefile', cmd: 'make', args: ['-s', '-C', 'switch/bpf'] },
-  { dir: 'switch/native', when: 'binding.gyp', cmd: process.execPath,
+  ...['switch/native', 'sdk/native'].map((dir) => ({ dir, when: 'binding.gyp', cmd: process.execPath,
     args: [join(dirname(process.execPath), '../lib/node_modules/npm/node_modules/node-gyp/bin/node-gyp.js'),
-      'rebuild', '--silent', '--nodedir=/usr', '--directory', 'switch/native'] },
+      'rebuild', '--silent', '--nodedir=/usr', '--directory', dir] })),
 ];
 for (const s of steps) {
   if (!existsSync(join(root, s.dir, s.when))) continue;
