@@ -38,6 +38,7 @@ struct pair {
   uint32_t id;
   int fd[2];           // dups: [0] = a, [1] = b
   struct dir d[2];     // [0] = a -> b, [1] = b -> a
+  uint32_t events[2];  // what epoll watches on each: EPOLLOUT only while bytes wait for that socket
   int failed_side;     // -1, or 0/1: the socket whose error ended the pair
   int err;             // its errno
   bool aborted;
@@ -118,7 +119,16 @@ static void run(struct pair *p, int hup_side) {
     int side = -1, err = pump(&p->d[i], &side, i);
     if (err) { p->failed_side = side; p->err = err; finish(p); return; }
   }
-  if (p->d[0].done && p->d[1].done) finish(p);
+  if (p->d[0].done && p->d[1].done) { finish(p); return; }
+  // Every ACK that frees send space would wake the thread: ask for EPOLLOUT only while a pipe holds
+  // bytes for that socket. Re-arming (MOD) reports a socket that is already writable at once.
+  for (int i = 0; i < 2; i++) {
+    uint32_t want = EPOLLIN | EPOLLRDHUP | EPOLLET | (p->d[1 - i].in_pipe ? EPOLLOUT : 0);
+    if (want == p->events[i]) continue;
+    struct epoll_event ev = { .events = want, .data.u64 = (uint64_t)p->id << 1 | (uint64_t)i };
+    epoll_ctl(epfd, EPOLL_CTL_MOD, p->fd[i], &ev);
+    p->events[i] = want;
+  }
 }
 
 static void take_requests(void) {
@@ -136,7 +146,8 @@ static void take_requests(void) {
       p->next = pairs;
       pairs = p;
       for (int i = 0; i < 2; i++) {
-        struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.u64 = (uint64_t)p->id << 1 | (uint64_t)i };
+        p->events[i] = EPOLLIN | EPOLLRDHUP | EPOLLET;
+        struct epoll_event ev = { .events = p->events[i], .data.u64 = (uint64_t)p->id << 1 | (uint64_t)i };
         epoll_ctl(epfd, EPOLL_CTL_ADD, p->fd[i], &ev);
       }
       run(p, -1); // bytes that arrived before the handover wait in the socket: move them now
