@@ -104,8 +104,9 @@ function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
       why = failures[0]!.error;
     } else if (v.met === false) {
       const like = s.likeRatio[k], core = s.cpu.coreCpuPerS;
-      why = `the stitched path adds the core's userspace relay to its backend on B (core at ${f(core)} CPU-s/s while stitched${core >= 0.85 ? ': about one full CPU for a single-threaded Node process, the likely bottleneck' : ''}) ` +
-        `and S's per-packet translation; plain routed has neither. ` +
+      why = `the stitched path adds a second TCP connection on B, the core's relay to its unmodified backend over B's loopback ` +
+        `(a kernel splice, sdk/splice.ts; core at ${f(core)} CPU-s/s while stitched), on the same two vCPUs as C, S and B's own stack; ` +
+        `and S's per-packet translation. Plain routed has neither. ` +
         (like > 1.1
           ? `Routed through the same relay code on B (test/fixtures/forward.ts) ran slower than stitched (${f(1 / like)}x), so it does not isolate the relay's share here.`
           : `Against routed through the same relay code on B (test/fixtures/forward.ts) stitched reaches ${f(like)}x: the relay on B accounts for ${like >= 0.95 ? 'the gap' : 'most of the gap'}.`) +

@@ -540,6 +540,15 @@ describe('bpf vectors', function () {
       });
     });
 
+    it('combined - ICMP frag-needed about a packet this host sent to C comes back to this host, quoting B\'s own flow', () => {
+      const sent = w.a2c({ seq: w.sAc(w.jToI(11)), ack: w.sC(564), flags: 'PA', ttl: 63, payload: 1400 });
+      t.vector({
+        description: 'frag-needed from a router on C\'s side', expectedReturn: TC_ACT_OK,
+        input: buildIcmp({ src: '198.18.1.1', dst: A, type: 3, code: 4, rest: 1400, quote: quoteOf(sent) }),
+        expectedOutput: buildIcmp({ src: A, dst: B, type: 3, code: 4, rest: 1400, ttl: 63, quote: requote(quoteOf(sent), B, A, V2, V1, w.sB(11)) }),
+      });
+    });
+
     it('combined - at egress, a packet forwarded from another interface, or one S wrote for the shell (mark), passes untouched', () => {
       const input = w.c2a({ seq: w.sC(564), ack: w.sAc(251), flags: 'PA', win: 29200, payload: 8 });
       t.vector({ description: 'C->A forwarded', ingressIfindex: 2, input, expectedOutput: input, expectedReturn: TC_ACT_OK });

@@ -3,7 +3,8 @@
  * A, and its quoted header shows the translated flow (A:v1 -> B:v2, or A:p2 -> C:p1). Left alone it
  * would reach the shell, whose socket is not the sender. Translated back, it reaches the far end
  * that really sent the packet, quoting that end's own flow and sequence number, from A's address
- * (the end believes it talks to A). Frag-needed keeps its MTU: the bottleneck is on the path. */
+ * (the end believes it talks to A). Frag-needed keeps its MTU: the bottleneck is on the path. In
+ * combined mode the sender can be this host (B's core leg): the error then goes up its own stack. */
 #ifndef STITCH_ICMP_H
 #define STITCH_ICMP_H
 
@@ -103,7 +104,8 @@ __attribute__((noinline)) int stitch_icmp(struct __sk_buff *skb)
 		}
 	}
 	stat_inc(ST_ICMP);
-	return bpf_redirect_neigh(out_ifindex(g, sc, s), 0, 0, 0);
+	/* combined mode: the sender may be this host (IFINDEX_LOCAL), whose stack takes it from here */
+	return forward_to(out_ifindex(g, sc, s));
 }
 
 #endif
