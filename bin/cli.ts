@@ -3,7 +3,7 @@
 import net from 'node:net';
 import { once } from 'node:events';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { createCore, createShell, spliceRelay, defaultLogger, type Logger } from '../sdk/index.ts';
+import { createCore, createShell, relay, defaultLogger, type Logger } from '../sdk/index.ts';
 import { hostPort, UsageError } from './args.ts';
 import { askControl, defaultControlPath, serveControl } from './control.ts';
 
@@ -89,7 +89,7 @@ async function cmdCore(v: Values): Promise<number> {
     // The backend sees one ordinary TCP connection per logical connection, whatever its phase. The
     // kernel relays between the two (splice): stitched, this is the only hop B adds to the path.
     const backend = net.connect({ host: forward.host, port: forward.port, allowHalfOpen: true, noDelay: true });
-    spliceRelay(conn.stream, backend, {
+    relay(conn.stream, backend, {
       onReset: (from, err) => log.info('connection reset', { connectionId: conn.id, from: from === 'a' ? 'core leg' : 'backend', error: err.message }),
     });
   });

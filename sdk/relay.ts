@@ -1,23 +1,20 @@
 // Byte relay between two sockets with backpressure, half-close and reset propagation. Used by the
 // shell in phase 2 and by `tcp-stitch core --forward`. Both sockets must have allowHalfOpen set:
 // one FIN must end one direction only (DATAPATH-FACTS: otherwise one FIN truncates the other way).
+//
+// Where the native addon is built, the kernel relays (sdk/splice.ts: splice(2) on a native thread),
+// and the bytes never enter JavaScript; otherwise, or with { kernel: false }, this file's event-loop
+// relay does. Both keep the same contract.
 import type { Socket } from 'node:net';
+import { resetSocket, spliceAvailable, spliceRelay } from './splice.ts';
 
 export interface RelayCallbacks {
-  /** Bytes moved from a to b / from b to a. */
-  onBytes?(direction: 'ab' | 'ba', n: number): void;
   /** A FIN from a (reached b as FIN) or from b. */
   onEnd?(from: 'a' | 'b'): void;
   /** A reset or socket error on one side; the other side has been reset. */
   onReset?(from: 'a' | 'b', error: Error): void;
   /** Both sockets are closed; called once. */
   onClose?(): void;
-}
-
-function resetSocket(s: Socket) {
-  if (s.destroyed) return;
-  // resetAndDestroy sends RST; it throws if the socket never connected (no handle yet).
-  try { s.resetAndDestroy(); } catch { s.destroy(); }
 }
 
 // Bytes all relays of this process moved in the current event-loop turn. Left flowing, libuv reads
@@ -36,8 +33,20 @@ function overBudget(n: number): boolean {
   return turnBytes > TURN_BUDGET;
 }
 
-/** Relays a<->b until both are closed. Returns a function that stops and resets both. */
-export function relay(a: Socket, b: Socket, cb: RelayCallbacks = {}): (error?: Error) => void {
+export interface Relay {
+  /** Stops and resets both sockets. */
+  stop(): void;
+  /** Bytes relayed so far from a to b and from b to a (live, also while the kernel relays). */
+  moved(): { ab: number; ba: number };
+}
+
+/** Relays a<->b until both are closed. `kernel: false` keeps the bytes in this event loop. */
+export function relay(a: Socket, b: Socket, cb: RelayCallbacks = {}, opts: { kernel?: boolean } = {}): Relay {
+  return opts.kernel !== false && spliceAvailable() ? spliceRelay(a, b, cb) : loopRelay(a, b, cb);
+}
+
+function loopRelay(a: Socket, b: Socket, cb: RelayCallbacks): Relay {
+  const moved = { ab: 0, ba: 0 };
   let closed = 0;
   let failed = false;
   const pump = (src: Socket, dst: Socket, dir: 'ab' | 'ba', from: 'a' | 'b') => {
@@ -45,7 +54,7 @@ export function relay(a: Socket, b: Socket, cb: RelayCallbacks = {}): (error?: E
     let blocked = false, yielding = false;
     const resume = () => { if (!blocked && !yielding && !src.destroyed) src.resume(); };
     src.on('data', (chunk: Buffer) => {
-      cb.onBytes?.(dir, chunk.length);
+      moved[dir] += chunk.length;
       if (!dst.write(chunk)) { blocked = true; src.pause(); }
       if (overBudget(chunk.length) && !yielding) {
         yielding = true;
@@ -64,11 +73,15 @@ export function relay(a: Socket, b: Socket, cb: RelayCallbacks = {}): (error?: E
       resetSocket(dst);
       cb.onReset?.(from, err);
     });
-    src.on('close', () => { if (++closed === 2) cb.onClose?.(); });
+    src.on('close', () => {
+      // Closed before both its directions ended: somebody destroyed it. The other side must not wait.
+      if (!failed && !(src.readableEnded && src.writableFinished)) { failed = true; resetSocket(dst); }
+      if (++closed === 2) cb.onClose?.();
+    });
   };
   pump(a, b, 'ab', 'a');
   pump(b, a, 'ba', 'b');
   a.resume();
   b.resume();
-  return () => { failed = true; resetSocket(a); resetSocket(b); };
+  return { stop: () => { failed = true; resetSocket(a); resetSocket(b); }, moved: () => ({ ...moved }) };
 }

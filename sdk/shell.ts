@@ -9,7 +9,7 @@ import { componentLogger, type Logger } from './log.ts';
 import { publish } from './diagnostics.ts';
 import { ANSWER_LENGTH, AnswerStatus, answerStatusName, decodeAnswer, encodePreamble, PREAMBLE_LENGTH, type Endpoint } from './preamble.ts';
 import { initialState, phaseOf, transition, type ConnectionEvent, type StateSnapshot } from './connection-state.ts';
-import { relay } from './relay.ts';
+import { relay, type Relay } from './relay.ts';
 import type { CloseReason, LogicalConnection, ShellEvents, ShellHooks } from './types.ts';
 
 export interface ShellOptions {
@@ -57,15 +57,17 @@ class Connection implements LogicalConnection {
   readonly createdAt = Date.now();
   coreLeg?: { local: Endpoint; core: Endpoint };
   snap: StateSnapshot = initialState;
-  bytesFromClient = 0;
-  bytesFromCore = 0;
+  /** Bytes the shell wrote itself (core bytes read with the answer), then the relay's live counts. */
+  written = { ab: 0, ba: 0 };
   reason?: string;
-  stop?: (error?: Error) => void;
+  relay?: Relay;
   constructor(readonly client: Endpoint, readonly shell: Endpoint, readonly socket: net.Socket, public leg?: net.Socket) {}
   get state() { return this.snap.state; }
   get phase() { return phaseOf(this.snap.state); }
   get clientEnded() { return this.snap.clientEnded; }
   get coreEnded() { return this.snap.coreEnded; }
+  get bytesFromClient() { return this.written.ab + (this.relay?.moved().ab ?? 0); }
+  get bytesFromCore() { return this.written.ba + (this.relay?.moved().ba ?? 0); }
   toJSON(): LogicalConnection {
     const { id, client, shell, coreLeg, createdAt, state, phase, clientEnded, coreEnded, bytesFromClient, bytesFromCore, reason } = this;
     return { id, client, shell, coreLeg, createdAt, state, phase, clientEnded, coreEnded, bytesFromClient, bytesFromCore, reason };
@@ -132,7 +134,7 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
       }
       conn.coreLeg = { local: { address: ipv4(leg.localAddress)!, port: leg.localPort! }, core: { address: ipv4(leg.remoteAddress)!, port: leg.remotePort! } };
       const rest = head.subarray(ANSWER_LENGTH);
-      if (rest.length) { conn.bytesFromCore += rest.length; conn.socket.write(rest); }
+      if (rest.length) { conn.written.ba += rest.length; conn.socket.write(rest); }
       this.#event(conn, 'core-accepted', 'the core accepted the core leg');
       this.#startRelay(conn, leg);
     };
@@ -149,8 +151,7 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
     // Once stitched, the shell's own sockets are silenced by the switch and say nothing about the
     // connection (invariant 3): only the stitcher's end() or destroy() closes it.
     const live = () => conn.state !== 'stitched';
-    conn.stop = relay(conn.socket, leg, {
-      onBytes: (dir, n) => { if (dir === 'ab') conn.bytesFromClient += n; else conn.bytesFromCore += n; },
+    conn.relay = relay(conn.socket, leg, {
       onEnd: (from) => { if (live()) this.#event(conn, from === 'a' ? 'client-fin' : 'core-fin', from === 'a' ? 'FIN from the client' : 'FIN from the core'); },
       onReset: (from, err) => {
         if (!live()) return this.#log.debug('silenced socket failed in phase 3', { connectionId: conn.id, side: from === 'a' ? 'client' : 'core', error: err.message });
@@ -186,7 +187,7 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
     conn.reason ??= reason;
     // Whatever is still open after an abnormal end gets a reset, so neither end waits on us. In
     // phase 3 the switch drops these resets: the shell's idle sockets just go away.
-    if (conn.stop) conn.stop();
+    if (conn.relay) conn.relay.stop();
     else for (const s of [conn.socket, conn.leg]) if (s && !s.destroyed) { try { s.resetAndDestroy(); } catch { s.destroy(); } }
     const msg = { connection: conn, reason, error };
     this.#log.info('connection closed', { connectionId: conn.id, reason, bytesFromClient: conn.bytesFromClient, bytesFromCore: conn.bytesFromCore, phase });

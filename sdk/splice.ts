@@ -1,49 +1,45 @@
-// The relay of sdk/relay.ts, done by the kernel: splice(2) between the two sockets on a native thread
-// (sdk/native/splice_addon.c), so the bytes never enter JavaScript. For adapters that only forward,
-// such as `tcp-stitch core --forward` in front of an unmodified backend: the stitched path then costs
-// B one in-kernel copy per byte instead of a pass through a single-threaded event loop.
-//
-// Same contract as relay(): half-close and reset propagation, callbacks, the returned stop function.
-// Differences: onBytes is called once per direction at the end, with the total. Where the addon is not
-// built, relay() does the work instead (spliceAvailable() says which).
+// The kernel half of sdk/relay.ts: splice(2) between the two sockets on a native thread
+// (sdk/native/splice_addon.c), so the bytes never enter JavaScript. Same contract as the event-loop
+// relay: half-close and reset propagation, the callbacks, stop() and live byte counts.
 import { createRequire } from 'node:module';
 import type { Socket } from 'node:net';
 import { constants } from 'node:os';
-import { relay, type RelayCallbacks } from './relay.ts';
+import type { Relay, RelayCallbacks } from './relay.ts';
 
 interface Addon {
-  init(onDone: (id: number, ab: number, ba: number, failedSide: number, errno: number, aborted: boolean) => void): void;
-  start(fdA: number, fdB: number): number;
+  init(onEvent: (id: number, endedDir: number, failedSide: number, errno: number, aborted: boolean) => void): void;
+  start(fdA: number, fdB: number, counters: BigUint64Array): number;
   abort(id: number): void;
 }
 
-type Done = (ab: number, ba: number, failedSide: number, errno: number, aborted: boolean) => void;
-const waiting = new Map<number, Done>();
+type OnEvent = (endedDir: number, failedSide: number, errno: number, aborted: boolean) => void;
+const pairs = new Map<number, OnEvent>();
 let addon: Addon | null | undefined;
 
 function load(): Addon | null {
   if (addon !== undefined) return addon;
   try {
     addon = createRequire(import.meta.url)('./native/build/Release/tcp_stitch_splice.node') as Addon;
-    addon.init((id, ab, ba, side, errno, aborted) => {
-      const done = waiting.get(id);
-      waiting.delete(id);
-      done?.(ab, ba, side, errno, aborted);
+    addon.init((id, endedDir, side, errno, aborted) => {
+      const on = pairs.get(id);
+      if (endedDir < 0) pairs.delete(id);
+      on?.(endedDir, side, errno, aborted);
     });
   } catch { addon = null; }
   return addon;
 }
 
-/** True when spliceRelay() moves bytes in the kernel (the addon is built and loads). */
+/** True when relay() moves bytes in the kernel (the addon is built and loads). */
 export function spliceAvailable(): boolean { return load() !== null; }
+
+export function resetSocket(s: Socket) {
+  if (s.destroyed) return;
+  // resetAndDestroy sends RST; it throws if the socket never connected (no handle yet).
+  try { s.resetAndDestroy(); } catch { s.destroy(); }
+}
 
 interface Handle { fd?: number; reading?: boolean; readStop?(): number }
 const handleOf = (s: Socket) => (s as unknown as { _handle?: Handle | null })._handle ?? undefined;
-
-function resetSocket(s: Socket) {
-  if (s.destroyed) return;
-  try { s.resetAndDestroy(); } catch { s.destroy(); }
-}
 
 /** Stops Node reading `s` and returns what its stream had already read, so nothing is read twice. */
 function takeOver(s: Socket): Buffer[] {
@@ -69,12 +65,12 @@ const connected = (s: Socket) => new Promise<boolean>((resolve) => {
 });
 const errnoName = (n: number) => Object.entries(constants.errno).find(([, v]) => v === n)?.[0] ?? `errno ${n}`;
 
-/** Relays a<->b in the kernel until both directions ended or one side failed. Both sockets must have
- * allowHalfOpen set. Returns a function that stops and resets both. */
-export function spliceRelay(a: Socket, b: Socket, cb: RelayCallbacks = {}): (error?: Error) => void {
-  const native = load();
-  if (!native) return relay(a, b, cb);
+export function spliceRelay(a: Socket, b: Socket, cb: RelayCallbacks): Relay {
+  const native = load()!;
   let id: number | undefined, ended = false;
+  // Bytes Node moved itself (read before the handover), then the thread's live counts.
+  const before = { ab: 0, ba: 0 };
+  const counters = new BigUint64Array(2);
   const end = () => { const first = !ended; ended = true; return first; };
   const fail = (from: 'a' | 'b', err: Error) => {
     if (!end()) return;
@@ -98,18 +94,18 @@ export function spliceRelay(a: Socket, b: Socket, cb: RelayCallbacks = {}): (err
     const [okA, okB] = await Promise.all([connected(a), connected(b)]);
     if (!okA || !okB || ended) { stop(); return; }
     // Bytes Node had already read go first, and must be in the kernel before the thread's.
-    for (const c of takeOver(a)) b.write(c);
-    for (const c of takeOver(b)) a.write(c);
+    for (const c of takeOver(a)) { before.ab += c.length; b.write(c); }
+    for (const c of takeOver(b)) { before.ba += c.length; a.write(c); }
     await Promise.all([flushed(a), flushed(b)]);
     const fa = handleOf(a)?.fd ?? -1, fb = handleOf(b)?.fd ?? -1;
     if (ended || fa < 0 || fb < 0) { stop(); return; }
-    try { id = native.start(fa, fb); } catch (err) { fail('a', err as Error); return; }
-    waiting.set(id, (ab, ba, side, errno, aborted) => {
-      cb.onBytes?.('ab', ab); cb.onBytes?.('ba', ba);
+    try { id = native.start(fa, fb, counters); } catch (err) { fail('a', err as Error); return; }
+    pairs.set(id, (dir, side, errno, aborted) => {
+      if (dir >= 0) { if (!ended) cb.onEnd?.(dir === 0 ? 'a' : 'b'); return; }
       if (aborted) { if (end()) { resetSocket(a); resetSocket(b); } }
       else if (side >= 0) fail(side === 0 ? 'a' : 'b', Object.assign(new Error(`splice: ${errnoName(errno)}`), { code: errnoName(errno) }));
-      else if (end()) { cb.onEnd?.('a'); cb.onEnd?.('b'); a.destroy(); b.destroy(); }
+      else if (end()) { a.destroy(); b.destroy(); } // both FINs passed on, each already reported
     });
   })();
-  return stop;
+  return { stop, moved: () => ({ ab: before.ab + Number(counters[0]), ba: before.ba + Number(counters[1]) }) };
 }

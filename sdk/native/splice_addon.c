@@ -30,7 +30,7 @@ struct dir {
   int src, dst;
   int pipe_r, pipe_w;
   size_t in_pipe, cap;
-  uint64_t moved;
+  uint64_t *moved;     // in the caller's buffer: JS reads it while the pair runs
   bool eof, done;
 };
 
@@ -45,8 +45,9 @@ struct pair {
   struct pair *next;
 };
 
-// Messages from the thread to JS, and requests from JS to the thread.
-struct result { uint32_t id; uint64_t ab, ba; int failed_side, err; bool aborted; };
+// Messages from the thread to JS (a direction ended: its FIN was passed on; or the pair ended), and
+// requests from JS to the thread.
+struct result { uint32_t id; int ended_dir; int failed_side, err; bool aborted; };
 struct request { enum { ADD, ABORT } kind; uint32_t id; struct pair *p; struct request *next; };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -79,7 +80,7 @@ static int pump(struct dir *d, int *side, int src_side) {
     }
     if (d->in_pipe > 0) {
       ssize_t n = splice(d->pipe_r, NULL, d->dst, NULL, d->in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-      if (n > 0) { d->in_pipe -= (size_t)n; d->moved += (uint64_t)n; progress = true; }
+      if (n > 0) { d->in_pipe -= (size_t)n; __atomic_store_n(d->moved, *d->moved + (uint64_t)n, __ATOMIC_RELAXED); progress = true; }
       else if (n < 0 && errno != EAGAIN && errno != EINTR) { *side = 1 - src_side; return errno; }
     }
     if (d->eof && d->in_pipe == 0 && !d->done) {
@@ -90,6 +91,13 @@ static int pump(struct dir *d, int *side, int src_side) {
   }
 }
 
+static void tell(struct result r) {
+  struct result *m = malloc(sizeof *m);
+  if (!m) return;
+  *m = r;
+  napi_call_threadsafe_function(tsfn, m, napi_tsfn_blocking);
+}
+
 static void finish(struct pair *p) {
   for (struct pair **pp = &pairs; *pp; pp = &(*pp)->next) if (*pp == p) { *pp = p->next; break; }
   for (int i = 0; i < 2; i++) {
@@ -98,15 +106,12 @@ static void finish(struct pair *p) {
     close(p->d[i].pipe_r);
     close(p->d[i].pipe_w);
   }
-  struct result *r = malloc(sizeof *r);
-  if (r) {
-    *r = (struct result){ p->id, p->d[0].moved, p->d[1].moved, p->failed_side, p->err, p->aborted };
-    napi_call_threadsafe_function(tsfn, r, napi_tsfn_blocking);
-  }
+  tell((struct result){ p->id, -1, p->failed_side, p->err, p->aborted });
   free(p);
 }
 
 static void run(struct pair *p, int hup_side) {
+  bool was_done[2] = { p->d[0].done, p->d[1].done };
   // A reset on a socket whose direction toward it is idle shows only as an error on the socket.
   if (hup_side >= 0) {
     int e = 0;
@@ -118,6 +123,7 @@ static void run(struct pair *p, int hup_side) {
   for (int i = 0; i < 2; i++) {
     int side = -1, err = pump(&p->d[i], &side, i);
     if (err) { p->failed_side = side; p->err = err; finish(p); return; }
+    if (p->d[i].done && !was_done[i]) tell((struct result){ p->id, i, -1, 0, false });
   }
   if (p->d[0].done && p->d[1].done) { finish(p); return; }
   // Every ACK that frees send space would wake the thread: ask for EPOLLOUT only while a pipe holds
@@ -192,16 +198,15 @@ static void *loop(void *arg) {
 static void call_js(napi_env env, napi_value cb, void *ctx, void *data) {
   struct result *r = data;
   if (env && cb) {
-    napi_value argv[6], undef;
+    napi_value argv[5], undef;
     napi_create_uint32(env, r->id, &argv[0]);
-    napi_create_double(env, (double)r->ab, &argv[1]);
-    napi_create_double(env, (double)r->ba, &argv[2]);
-    napi_create_int32(env, r->failed_side, &argv[3]);
-    napi_create_int32(env, r->err, &argv[4]);
-    napi_get_boolean(env, r->aborted, &argv[5]);
+    napi_create_int32(env, r->ended_dir, &argv[1]);
+    napi_create_int32(env, r->failed_side, &argv[2]);
+    napi_create_int32(env, r->err, &argv[3]);
+    napi_get_boolean(env, r->aborted, &argv[4]);
     napi_get_undefined(env, &undef);
-    if (--active == 0) napi_unref_threadsafe_function(env, tsfn);
-    napi_call_function(env, undef, cb, 6, argv, NULL);
+    if (r->ended_dir < 0 && --active == 0) napi_unref_threadsafe_function(env, tsfn);
+    napi_call_function(env, undef, cb, 5, argv, NULL);
   }
   free(r);
 }
@@ -213,7 +218,8 @@ static napi_value throw_errno(napi_env env, const char *what, int err) {
   return NULL;
 }
 
-// init(onDone): starts the thread; onDone(id, abBytes, baBytes, failedSide, errno, aborted).
+// init(onEvent): starts the thread. onEvent(id, endedDir, failedSide, errno, aborted): endedDir 0 (a->b)
+// or 1 (b->a) when that direction's FIN was passed on; -1 when the pair ended (failedSide -1: cleanly).
 static napi_value Init(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1], name;
@@ -246,15 +252,20 @@ static int open_dir(struct dir *d, int src, int dst) {
   return 0;
 }
 
-// start(fdA, fdB) -> id. The caller has stopped Node reading both and flushed its writes.
+// start(fdA, fdB, counters) -> id. The caller has stopped Node reading both and flushed its writes.
+// counters: a BigUint64Array(2), bytes moved a->b and b->a, kept alive by the caller until the end.
 static napi_value Start(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2], out;
+  size_t argc = 3;
+  napi_value argv[3], out;
   int32_t fa, fb;
+  napi_typedarray_type type;
+  size_t len;
+  void *counters = NULL;
   napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
   if (epfd < 0) { napi_throw_error(env, "TCP_STITCH_SPLICE", "init() was not called"); return NULL; }
-  if (argc < 2 || napi_get_value_int32(env, argv[0], &fa) != napi_ok || napi_get_value_int32(env, argv[1], &fb) != napi_ok || fa < 0 || fb < 0) {
-    napi_throw_type_error(env, "TCP_STITCH_SPLICE", "start(fdA, fdB) takes two descriptors");
+  if (argc < 3 || napi_get_value_int32(env, argv[0], &fa) != napi_ok || napi_get_value_int32(env, argv[1], &fb) != napi_ok || fa < 0 || fb < 0
+      || napi_get_typedarray_info(env, argv[2], &type, &len, &counters, NULL, NULL) != napi_ok || type != napi_biguint64_array || len != 2) {
+    napi_throw_type_error(env, "TCP_STITCH_SPLICE", "start(fdA, fdB, counters) takes two descriptors and a BigUint64Array(2)");
     return NULL;
   }
   struct pair *p = calloc(1, sizeof *p);
@@ -267,6 +278,8 @@ static napi_value Start(napi_env env, napi_callback_info info) {
   if ((p->fd[0] = fcntl(fa, F_DUPFD_CLOEXEC, 0)) < 0 || (p->fd[1] = fcntl(fb, F_DUPFD_CLOEXEC, 0)) < 0) err = errno;
   if (!err) err = open_dir(&p->d[0], p->fd[0], p->fd[1]);
   if (!err) err = open_dir(&p->d[1], p->fd[1], p->fd[0]);
+  p->d[0].moved = (uint64_t *)counters;
+  p->d[1].moved = (uint64_t *)counters + 1;
   if (err) {
     for (int i = 0; i < 2; i++) {
       if (p->fd[i] >= 0) close(p->fd[i]);
@@ -283,7 +296,7 @@ static napi_value Start(napi_env env, napi_callback_info info) {
   return out;
 }
 
-// abort(id): the pair ends as soon as the thread sees it; onDone reports aborted = true. An id that
+// abort(id): the pair ends as soon as the thread sees it; onEvent reports aborted = true. An id that
 // has already ended is ignored.
 static napi_value Abort(napi_env env, napi_callback_info info) {
   size_t argc = 1;
