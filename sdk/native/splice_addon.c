@@ -1,6 +1,7 @@
 // A kernel byte relay between two connected TCP sockets: splice(2) through a pipe per direction, so
 // the bytes never enter user space. One epoll thread serves every pair of the process. Node's event
-// loop only hands a pair over and hears once, when both directions are done or one side failed.
+// loop hands a pair over, reads its live byte counts, and hears when a direction's FIN was passed on
+// and when the pair ended.
 //
 // The thread works on dup()s of Node's descriptors: Node may close its own at any time (its socket was
 // destroyed) without the thread ever touching a reused descriptor number. A pair's end is reported
@@ -30,7 +31,7 @@ struct dir {
   int src, dst;
   int pipe_r, pipe_w;
   size_t in_pipe, cap;
-  uint64_t *moved;     // in the caller's buffer: JS reads it while the pair runs
+  uint64_t *moved;     // bytes read from src, in the caller's buffer: JS reads it while the pair runs
   bool eof, done;
 };
 
@@ -74,13 +75,16 @@ static int pump(struct dir *d, int *side, int src_side) {
     bool progress = false;
     if (!d->eof && d->in_pipe < d->cap) {
       ssize_t n = splice(d->src, NULL, d->pipe_w, NULL, d->cap - d->in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-      if (n > 0) { d->in_pipe += (size_t)n; progress = true; }
+      // Counted as read, like the event-loop relay: the count never trails what the far end got. (A
+      // splice into the destination may first run the receive softirqs of what it sent, for
+      // milliseconds, during which the far end may already have acknowledged it.)
+      if (n > 0) { d->in_pipe += (size_t)n; __atomic_store_n(d->moved, *d->moved + (uint64_t)n, __ATOMIC_RELAXED); progress = true; }
       else if (n == 0) { d->eof = true; progress = true; }
       else if (errno != EAGAIN && errno != EINTR) { *side = src_side; return errno; }
     }
     if (d->in_pipe > 0) {
       ssize_t n = splice(d->pipe_r, NULL, d->dst, NULL, d->in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
-      if (n > 0) { d->in_pipe -= (size_t)n; __atomic_store_n(d->moved, *d->moved + (uint64_t)n, __ATOMIC_RELAXED); progress = true; }
+      if (n > 0) { d->in_pipe -= (size_t)n; progress = true; }
       else if (n < 0 && errno != EAGAIN && errno != EINTR) { *side = 1 - src_side; return errno; }
     }
     if (d->eof && d->in_pipe == 0 && !d->done) {
