@@ -655,7 +655,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
    * that stops reading stops it), and the switch has already sent the far ends' new bytes past
    * the shell, so the shell path cannot carry the connection any more.
    */
-  readonly #stitcher: Stitcher = async ({ connection, mapping, end, committed }) => {
+  readonly #stitcher: Stitcher = async ({ connection, mapping, end }) => {
     const why = this.#unavailable();
     const client = this.#client;
     if (why || !client) throw new SwitchError(`stitching is not available: ${why ?? 'no switch'}`);
@@ -672,7 +672,6 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
     const s: Installed = { legs, id: r.id, state: r.state, end };
     this.#installed.set(connection.id, s);
     this.#log.info('stitch installed', { connectionId: connection.id, stitchId: r.id, state: r.state, existing: r.existing });
-    committed();
     if (r.state !== 'draining') return;
     await new Promise<void>((resolve, reject) => {
       // The NOTIFY normally ends the wait; a QUERY each second covers one that was lost, and tells a

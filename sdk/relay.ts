@@ -38,9 +38,6 @@ export interface Relay {
   stop(): void;
   /** Bytes relayed so far from a to b and from b to a (live, also while the kernel relays). */
   moved(): { ab: number; ba: number };
-  /** From now on the kernel relays (where it can, and while neither direction has ended): the
-   * shell calls it once a stitch is committed, to drain what it still holds at kernel speed. */
-  toKernel(): void;
 }
 
 /** Relays a<->b until both are closed. `kernel: false` keeps the bytes in this event loop. */
@@ -52,15 +49,11 @@ function loopRelay(a: Socket, b: Socket, cb: RelayCallbacks): Relay {
   const moved = { ab: 0, ba: 0 };
   let closed = 0;
   let failed = false;
-  let kernel: Relay | undefined; // set once handed to the kernel: this relay's listeners are gone
-  type Listener = (...args: any[]) => void;
-  const listeners: [Socket, string, Listener][] = [];
-  const on = (s: Socket, ev: string, fn: Listener) => { s.on(ev, fn); listeners.push([s, ev, fn]); };
   const pump = (src: Socket, dst: Socket, dir: 'ab' | 'ba', from: 'a' | 'b') => {
     // Paused for dst's backpressure, or until the event loop's next turn (over the budget).
     let blocked = false, yielding = false;
-    const resume = () => { if (!blocked && !yielding && !src.destroyed && !kernel) src.resume(); };
-    on(src, 'data', (chunk: Buffer) => {
+    const resume = () => { if (!blocked && !yielding && !src.destroyed) src.resume(); };
+    src.on('data', (chunk: Buffer) => {
       moved[dir] += chunk.length;
       if (!dst.write(chunk)) { blocked = true; src.pause(); }
       if (overBudget(chunk.length) && !yielding) {
@@ -69,18 +62,18 @@ function loopRelay(a: Socket, b: Socket, cb: RelayCallbacks): Relay {
         setImmediate(() => { yielding = false; resume(); });
       }
     });
-    on(dst, 'drain', () => { blocked = false; resume(); });
-    on(src, 'end', () => {
+    dst.on('drain', () => { blocked = false; resume(); });
+    src.on('end', () => {
       cb.onEnd?.(from);
       if (!dst.destroyed) dst.end();
     });
-    on(src, 'error', (err: Error) => {
+    src.on('error', (err) => {
       if (failed) return;
       failed = true;
       resetSocket(dst);
       cb.onReset?.(from, err);
     });
-    on(src, 'close', () => {
+    src.on('close', () => {
       // Closed before both its directions ended: somebody destroyed it. The other side must not wait.
       if (!failed && !(src.readableEnded && src.writableFinished)) { failed = true; resetSocket(dst); }
       if (++closed === 2) cb.onClose?.();
@@ -90,17 +83,5 @@ function loopRelay(a: Socket, b: Socket, cb: RelayCallbacks): Relay {
   pump(b, a, 'ba', 'b');
   a.resume();
   b.resume();
-  return {
-    stop: () => { if (kernel) return kernel.stop(); failed = true; resetSocket(a); resetSocket(b); },
-    moved: () => {
-      const k = kernel?.moved() ?? { ab: 0, ba: 0 };
-      return { ab: moved.ab + k.ab, ba: moved.ba + k.ba };
-    },
-    toKernel: () => {
-      // A direction that ended, or a socket that failed, stays with this relay to the end.
-      if (kernel || failed || closed || !spliceAvailable() || [a, b].some((s) => s.readableEnded || s.writableEnded || s.destroyed)) return;
-      for (const [s, ev, fn] of listeners) s.off(ev, fn);
-      kernel = spliceRelay(a, b, cb); // it takes what Node holds first: nothing is lost or reordered
-    },
-  };
+  return { stop: () => { failed = true; resetSocket(a); resetSocket(b); }, moved: () => ({ ...moved }) };
 }

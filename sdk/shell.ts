@@ -34,9 +34,6 @@ export interface StitchTarget {
    * The switch must still be silencing the shell's legs, so their RSTs never reach C or B.
    */
   end(reason: 'fin' | 'client-reset' | 'core-reset'): void;
-  /** For the stitcher to call once the switch holds the stitch: the shell's relay then drains what
-   * the shell still holds in the kernel, faster than its event loop can. */
-  committed(): void;
 }
 export type Stitcher = (target: StitchTarget) => Promise<void>;
 
@@ -153,10 +150,10 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
   #startRelay(conn: Connection, leg: net.Socket) {
     // Once stitched, the shell's own sockets are silenced by the switch and say nothing about the
     // connection (invariant 3): only the stitcher's end() or destroy() closes it.
-    // The event-loop relay until a stitch is committed, then the kernel's (committed()). Relaying in
-    // the kernel from the start, the shell read at once and kept offering its whole window: a loaded
-    // handover had three times the backlog to drain through the shell (1112-1189 MiB of 6400 against
-    // 324-382 in the 100-connection test) and 2-3 times the RTOs (docs/handover.md, Open).
+    // The event-loop relay, not the kernel's: with the kernel relaying at the shell, a loaded handover
+    // had three times the backlog to drain through the shell (1112-1189 MiB of 6400 against 324-382
+    // in the 100-connection test) and 2-3 times the RTOs; capping the shell's buffers at 256 KiB did
+    // not help (docs/handover.md, Open).
     const live = () => conn.state !== 'stitched';
     conn.relay = relay(conn.socket, leg, {
       onEnd: (from) => { if (live()) this.#event(conn, from === 'a' ? 'client-fin' : 'core-fin', from === 'a' ? 'FIN from the client' : 'FIN from the core'); },
@@ -229,7 +226,6 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
         connection: conn,
         mapping: { clientOffset: 0n, corePreambleLength: PREAMBLE_LENGTH, shellOffset: 0n, coreAnswerLength: ANSWER_LENGTH },
         end,
-        committed: () => conn.relay?.toKernel(),
       });
     } catch (err) {
       if (this.#conns.has(id)) this.#event(conn, 'stitch-failed', `stitch failed, staying on the shell path: ${(err as Error).message}`);

@@ -107,5 +107,5 @@ export function spliceRelay(a: Socket, b: Socket, cb: RelayCallbacks): Relay {
       else if (end()) { a.destroy(); b.destroy(); } // both FINs passed on, each already reported
     });
   })();
-  return { stop, moved: () => ({ ab: before.ab + Number(counters[0]), ba: before.ba + Number(counters[1]) }), toKernel: () => {} };
+  return { stop, moved: () => ({ ab: before.ab + Number(counters[0]), ba: before.ba + Number(counters[1]) }) };
 }
