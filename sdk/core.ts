@@ -8,6 +8,7 @@ import { componentLogger, type Logger } from './log.ts';
 import { publish } from './diagnostics.ts';
 import { AnswerStatus, checkPreambleHead, decodePreamble, encodeAnswer, PREAMBLE_LENGTH } from './preamble.ts';
 import type { CoreConnection, CoreEvents, CoreHooks } from './types.ts';
+import { resetSocket } from './relay.ts';
 
 export interface CoreOptions {
   /** Shared secret: when set, only preambles carrying its MAC are accepted. */
@@ -173,7 +174,7 @@ class CoreImpl extends EventEmitter<CoreEvents> implements Core {
     void this.#closeServer();
     for (const s of this.#pending) s.destroy(error);
     this.#pending.clear();
-    for (const c of this.#conns.values()) { try { c.stream.resetAndDestroy(); } catch { c.stream.destroy(); } }
+    for (const c of this.#conns.values()) resetSocket(c.stream);
   }
 }
 

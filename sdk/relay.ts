@@ -8,6 +8,8 @@
 import type { Socket } from 'node:net';
 import { resetSocket, spliceAvailable, spliceRelay } from './splice.ts';
 
+export { resetSocket };
+
 export interface RelayCallbacks {
   /** A FIN from a (reached b as FIN) or from b. */
   onEnd?(from: 'a' | 'b'): void;

@@ -9,7 +9,7 @@ import { componentLogger, type Logger } from './log.ts';
 import { publish } from './diagnostics.ts';
 import { ANSWER_LENGTH, AnswerStatus, answerStatusName, decodeAnswer, encodePreamble, PREAMBLE_LENGTH, type Endpoint } from './preamble.ts';
 import { initialState, phaseOf, transition, type ConnectionEvent, type StateSnapshot } from './connection-state.ts';
-import { relay, type Relay } from './relay.ts';
+import { relay, resetSocket, type Relay } from './relay.ts';
 import type { CloseReason, LogicalConnection, ShellEvents, ShellHooks } from './types.ts';
 
 export interface ShellOptions {
@@ -192,7 +192,7 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
     // Whatever is still open after an abnormal end gets a reset, so neither end waits on us. In
     // phase 3 the switch drops these resets: the shell's idle sockets just go away.
     if (conn.relay) conn.relay.stop();
-    else for (const s of [conn.socket, conn.leg]) if (s && !s.destroyed) { try { s.resetAndDestroy(); } catch { s.destroy(); } }
+    else for (const s of [conn.socket, conn.leg]) if (s) resetSocket(s);
     const msg = { connection: conn, reason, error };
     this.#log.info('connection closed', { connectionId: conn.id, reason, bytesFromClient: conn.bytesFromClient, bytesFromCore: conn.bytesFromCore, phase });
     this.emit('connection:close', msg);
