@@ -35,15 +35,19 @@ struct dir {
   bool eof, done;
 };
 
+struct pair;
+struct end { struct pair *p; int side; };  // what an epoll event points to: a pair's socket
+
 struct pair {
   uint32_t id;
   int fd[2];           // dups: [0] = a, [1] = b
+  struct end ends[2];
   struct dir d[2];     // [0] = a -> b, [1] = b -> a
   uint32_t events[2];  // what epoll watches on each: EPOLLOUT only while bytes wait for that socket
   int failed_side;     // -1, or 0/1: the socket whose error ended the pair
   int err;             // its errno
-  bool aborted;
-  struct pair *next;
+  bool aborted, finished;
+  struct pair *next;   // in `pairs`, then in `ended` until the epoll batch that saw it is done
 };
 
 // Messages from the thread to JS (a direction ended: its FIN was passed on; or the pair ended), and
@@ -56,6 +60,7 @@ static struct request *requests;  // under lock
 static int epfd = -1, wake = -1;
 static napi_threadsafe_function tsfn;
 static struct pair *pairs;        // the thread's own list
+static struct pair *ended;        // finished pairs, freed after the current epoll batch
 static uint32_t next_id = 1;
 static uint32_t active;           // pairs JS has not heard the end of (JS thread only)
 
@@ -111,7 +116,10 @@ static void finish(struct pair *p) {
     close(p->d[i].pipe_w);
   }
   tell((struct result){ p->id, -1, p->failed_side, p->err, p->aborted });
-  free(p);
+  // Later events of this epoll batch may still point here: freed once the batch is done.
+  p->finished = true;
+  p->next = ended;
+  ended = p;
 }
 
 static void run(struct pair *p, int hup_side) {
@@ -135,7 +143,7 @@ static void run(struct pair *p, int hup_side) {
   for (int i = 0; i < 2; i++) {
     uint32_t want = EPOLLIN | EPOLLRDHUP | EPOLLET | (p->d[1 - i].in_pipe ? EPOLLOUT : 0);
     if (want == p->events[i]) continue;
-    struct epoll_event ev = { .events = want, .data.u64 = (uint64_t)p->id << 1 | (uint64_t)i };
+    struct epoll_event ev = { .events = want, .data.ptr = &p->ends[i] };
     epoll_ctl(epfd, EPOLL_CTL_MOD, p->fd[i], &ev);
     p->events[i] = want;
   }
@@ -157,7 +165,8 @@ static void take_requests(void) {
       pairs = p;
       for (int i = 0; i < 2; i++) {
         p->events[i] = EPOLLIN | EPOLLRDHUP | EPOLLET;
-        struct epoll_event ev = { .events = p->events[i], .data.u64 = (uint64_t)p->id << 1 | (uint64_t)i };
+        p->ends[i] = (struct end){ p, i };
+        struct epoll_event ev = { .events = p->events[i], .data.ptr = &p->ends[i] };
         epoll_ctl(epfd, EPOLL_CTL_ADD, p->fd[i], &ev);
       }
       run(p, -1); // bytes that arrived before the handover wait in the socket: move them now
@@ -183,18 +192,16 @@ static void *loop(void *arg) {
   for (;;) {
     int n = epoll_wait(epfd, evs, 64, -1);
     for (int i = 0; i < n; i++) {
-      if (evs[i].data.u64 == 0) {
+      struct end *e = evs[i].data.ptr;
+      if (!e) {
         uint64_t v;
         (void)!read(wake, &v, sizeof v);
         take_requests();
-      } else {
-        // A pair that finished earlier in this batch is gone from the list: its stale events find nothing.
-        uint32_t id = (uint32_t)(evs[i].data.u64 >> 1);
-        int side = (int)(evs[i].data.u64 & 1);
-        for (struct pair *p = pairs; p; p = p->next)
-          if (p->id == id) { run(p, evs[i].events & (EPOLLERR | EPOLLHUP) ? side : -1); break; }
+      } else if (!e->p->finished) {
+        run(e->p, evs[i].events & (EPOLLERR | EPOLLHUP) ? e->side : -1);
       }
     }
+    while (ended) { struct pair *p = ended; ended = p->next; free(p); }
   }
   return NULL;
 }
@@ -233,7 +240,7 @@ static napi_value Init(napi_env env, napi_callback_info info) {
   if (epfd < 0) return throw_errno(env, "epoll_create1", errno);
   wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (wake < 0) return throw_errno(env, "eventfd", errno);
-  struct epoll_event ev = { .events = EPOLLIN, .data.u64 = 0 }; // pair ids start at 1
+  struct epoll_event ev = { .events = EPOLLIN, .data.ptr = NULL };
   epoll_ctl(epfd, EPOLL_CTL_ADD, wake, &ev);
   napi_create_string_utf8(env, "tcp-stitch splice", NAPI_AUTO_LENGTH, &name);
   if (napi_create_threadsafe_function(env, argv[0], NULL, name, 0, 1, NULL, NULL, NULL, call_js, &tsfn) != napi_ok)
