@@ -8,7 +8,7 @@ import { componentLogger, type Logger } from './log.ts';
 import { publish } from './diagnostics.ts';
 import { AnswerStatus, checkPreambleHead, decodePreamble, encodeAnswer, PREAMBLE_LENGTH } from './preamble.ts';
 import type { CoreConnection, CoreEvents, CoreHooks } from './types.ts';
-import { resetSocket } from './relay.ts';
+import { finishedBothWays, resetSocket } from './relay.ts';
 
 export interface CoreOptions {
   /** Shared secret: when set, only preambles carrying its MAC are accepted. */
@@ -145,7 +145,7 @@ class CoreImpl extends EventEmitter<CoreEvents> implements Core {
     socket.on('close', () => {
       this.#conns.delete(conn.id);
       // Both FINs exchanged is 'fin'; an error from the peer is 'reset'; anything else the runtime ended.
-      const reason = error ? 'reset' : socket.readableEnded && socket.writableFinished ? 'fin' : 'destroyed';
+      const reason = error ? 'reset' : finishedBothWays(socket) ? 'fin' : 'destroyed';
       this.emit('connection:close', { id: conn.id, reason, error });
       if (this.#closing && this.#conns.size === 0) this.#idle?.();
     });

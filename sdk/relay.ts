@@ -6,9 +6,15 @@
 // and the bytes never enter JavaScript; otherwise, or with { kernel: false }, this file's event-loop
 // relay does. Both keep the same contract.
 import type { Socket } from 'node:net';
-import { resetSocket, spliceAvailable, spliceRelay } from './splice.ts';
+import { kernelFinished, pendingError, resetSocket, spliceAvailable, spliceRelay } from './splice.ts';
 
 export { resetSocket };
+
+/** True when both of s's directions ended with a FIN, whichever relay (or none) moved its bytes. */
+export function finishedBothWays(s: Socket): boolean {
+  // The kernel relay's FINs pass beneath Node: its stream never sees 'end' or 'finish'.
+  return (s.readableEnded && s.writableFinished) || kernelFinished.has(s);
+}
 
 export interface RelayCallbacks {
   /** A FIN from a (reached b as FIN) or from b. */
@@ -66,6 +72,9 @@ function loopRelay(a: Socket, b: Socket, cb: RelayCallbacks): Relay {
     });
     dst.on('drain', () => { blocked = false; resume(); });
     src.on('end', () => {
+      // A reset that came right behind data reads as EOF in Node: it must reach dst as a reset.
+      const err = pendingError(src);
+      if (err) { src.destroy(err); return; }
       cb.onEnd?.(from);
       if (!dst.destroyed) dst.end();
     });

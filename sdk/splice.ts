@@ -10,10 +10,13 @@ interface Addon {
   init(onEvent: (id: number, endedDir: number, failedSide: number, errno: number, aborted: boolean) => void): void;
   start(fdA: number, fdB: number, counters: BigUint64Array): number;
   abort(id: number): void;
+  socketError(fd: number): number;
 }
 
 type OnEvent = (endedDir: number, failedSide: number, errno: number, aborted: boolean) => void;
 const pairs = new Map<number, OnEvent>();
+/** Sockets whose pair the thread ended with both FINs passed on (read by relay.ts finishedBothWays). */
+export const kernelFinished = new WeakSet<Socket>();
 let addon: Addon | null | undefined;
 
 function load(): Addon | null {
@@ -65,6 +68,17 @@ const connected = (s: Socket) => new Promise<boolean>((resolve) => {
 });
 const errnoName = (n: number) => Object.entries(constants.errno).find(([, v]) => v === n)?.[0] ?? `errno ${n}`;
 
+/**
+ * The reset or error s holds that Node has not reported, or null (also without the addon). libuv
+ * reports a reset that arrives right behind data as EOF (its POLLHUP shortcut after a partial read);
+ * the kernel still holds ECONNRESET for the socket.
+ */
+export function pendingError(s: Socket): Error | null {
+  const fd = handleOf(s)?.fd ?? -1;
+  const errno = fd >= 0 ? load()?.socketError(fd) ?? 0 : 0;
+  return errno ? Object.assign(new Error(`read ${errnoName(errno)}`), { code: errnoName(errno), errno: -errno }) : null;
+}
+
 export function spliceRelay(a: Socket, b: Socket, cb: RelayCallbacks): Relay {
   const native = load()!;
   let id: number | undefined, ended = false;
@@ -75,7 +89,7 @@ export function spliceRelay(a: Socket, b: Socket, cb: RelayCallbacks): Relay {
   const fail = (from: 'a' | 'b', err: Error) => {
     if (!end()) return;
     resetSocket(from === 'a' ? b : a);
-    (from === 'a' ? a : b).destroy();
+    (from === 'a' ? a : b).destroy(err); // its owner sees the error, as with the event-loop relay
     cb.onReset?.(from, err);
   };
   const stop = () => {
@@ -104,7 +118,10 @@ export function spliceRelay(a: Socket, b: Socket, cb: RelayCallbacks): Relay {
       if (dir >= 0) { if (!ended) cb.onEnd?.(dir === 0 ? 'a' : 'b'); return; }
       if (aborted) { if (end()) { resetSocket(a); resetSocket(b); } }
       else if (side >= 0) fail(side === 0 ? 'a' : 'b', Object.assign(new Error(`splice: ${errnoName(errno)}`), { code: errnoName(errno) }));
-      else if (end()) { a.destroy(); b.destroy(); } // both FINs passed on, each already reported
+      else if (end()) { // both FINs passed on, each already reported
+        kernelFinished.add(a); kernelFinished.add(b);
+        a.destroy(); b.destroy();
+      }
     });
   })();
   return { stop, moved: () => ({ ab: before.ab + Number(counters[0]), ba: before.ba + Number(counters[1]) }) };

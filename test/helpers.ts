@@ -95,7 +95,8 @@ export function connect(port: number, host = '127.0.0.1'): Promise<net.Socket> {
 
 /** Resolves when the socket is closed (now, or when its 'close' fires). */
 export function closed(s: net.Socket): Promise<void> {
-  return s.closed ? Promise.resolve() : once(s, 'close').then(() => undefined);
+  // Not events.once: it would reject on an 'error' that comes before the close.
+  return s.closed ? Promise.resolve() : new Promise((resolve) => s.once('close', () => resolve()));
 }
 
 import { createHook } from 'node:async_hooks';

@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { once } from 'node:events';
 import { relay, spliceAvailable, type Relay } from '../sdk/index.ts';
+import { finishedBothWays } from '../sdk/relay.ts';
 import { activeResources, connect, drain, listen, payloadSha, sendPayload, closed } from './helpers.ts';
 
 import { readdirSync, readlinkSync } from 'node:fs';
@@ -63,6 +64,13 @@ const ended = (s: net.Socket) => new Promise<string>((resolve) => {
   s.on('close', () => resolve('close'));
   s.resume();
 });
+/** Like ended(), but a FIN is confirmed by writing after it: Node reads a reset that came right
+ * behind data as EOF, and only the write then fails (ECONNRESET). */
+const endedOrReset = (s: net.Socket) => new Promise<string>((resolve) => {
+  s.on('error', (e: NodeJS.ErrnoException) => resolve(e.code ?? 'error'));
+  s.on('end', () => s.write('?', (err) => { if (!err) resolve('end'); }));
+  s.resume();
+});
 
 for (const kernel of [true, false]) describe(`relay (loopback, ${kernel ? 'in the kernel' : 'in the event loop'})`, function () {
   this.timeout(60_000);
@@ -106,6 +114,8 @@ for (const kernel of [true, false]) describe(`relay (loopback, ${kernel ? 'in th
     assert.deepEqual(s.ends.sort(), ['a', 'b']);
     assert.deepEqual(s.resets, []);
     assert.equal(s.closes, 1);
+    // What the core's connection:close reports as 'fin', whichever relay moved the bytes.
+    assert.ok(finishedBothWays(s.a) && finishedBothWays(s.b), 'both sockets finished both ways');
     await Promise.all([fwd.close(), be.close()]);
   });
 
@@ -152,7 +162,28 @@ for (const kernel of [true, false]) describe(`relay (loopback, ${kernel ? 'in th
     await Promise.all([closed(s.a), closed(s.b)]);
     assert.equal(s.resets.length, 1);
     assert.equal(s.resets[0]!.from, 'a');
+    assert.ok(!finishedBothWays(s.a) && !finishedBothWays(s.b), 'a reset pair did not finish');
     await Promise.all([fwd.close(), be.close()]);
+  });
+
+  it('relay - RST right behind data from the client still reaches the backend as a reset, not a FIN', async () => {
+    // Node alone reads this as data then EOF (libuv's POLLHUP shortcut): the relay asks the kernel.
+    for (let i = 0; i < 5; i++) {
+      let backEnd!: Promise<string>, onAccept!: () => void;
+      const accepted = new Promise<void>((r) => { onAccept = r; });
+      const be = await backend((s) => { backEnd = endedOrReset(s); onAccept(); });
+      const fwd = await forwarder(kernel, be.port);
+      const c = await connect(fwd.port);
+      await accepted; // the relay has both sockets
+      c.write('request'); // on loopback both segments are queued at the relay before it wakes
+      c.resetAndDestroy();
+      const s = fwd.seen[0]!;
+      await Promise.all([closed(s.a), closed(s.b)]);
+      assert.equal(await backEnd, 'ECONNRESET', `round ${i}`);
+      assert.deepEqual(s.ends, [], `round ${i}: no FIN passed on`);
+      assert.equal(s.resets[0]?.from, 'a', `round ${i}`);
+      await Promise.all([fwd.close(), be.close()]);
+    }
   });
 
   it('relay - RST from the backend resets the client; reported from b', async () => {

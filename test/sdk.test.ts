@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { once } from 'node:events';
-import { createShell, createCore, type Shell, type Core, type CoreConnection, type ConnectionCloseMessage } from '../sdk/index.ts';
+import { createShell, createCore, relay, type Shell, type Core, type CoreConnection, type ConnectionCloseMessage } from '../sdk/index.ts';
 import { encodePreamble } from '../sdk/preamble.ts';
 import { activeResources, projectTimers, closed as socketClosed, connect, drain, events, listen, payload, send, sha256 } from './helpers.ts';
 import winston from 'winston';
@@ -128,6 +128,29 @@ describe('sdk (loopback)', function () {
       assert.equal((await closed)[0].reason, 'fin');
       await socketClosed(c);
     }
+  });
+
+  it('sdk - the core reports fin and reset also when its runtime relays the stream (in the kernel where built)', async () => {
+    // What `tcp-stitch core --forward` does: the stream goes to a backend through relay().
+    const backend = net.createServer({ allowHalfOpen: true }, (s) => { s.on('end', () => s.end('answer')); s.on('error', () => {}); s.resume(); });
+    const bePort = await listen(backend);
+    const toBackend = (stream: net.Socket) => relay(stream, net.connect({ port: bePort, host: '127.0.0.1', allowHalfOpen: true }));
+    for (const [end, reason] of [['fin', 'fin'], ['rst', 'reset']] as const) {
+      const coreClosed = events<{ reason: string }>(b.core, 'connection:close');
+      const { c, bside } = await pair(b);
+      toBackend(bside);
+      if (end === 'fin') {
+        const atC = drain(c);
+        c.end('request');
+        assert.equal((await atC).bytes, 6);
+      } else {
+        await send(c, Buffer.from('request'), true);
+        c.resetAndDestroy();
+      }
+      assert.equal((await coreClosed)[0].reason, reason, `${end} from the client`);
+      await socketClosed(c);
+    }
+    await new Promise((r) => backend.close(r));
   });
 
   it('sdk - 200 concurrent connections, 1 MiB both ways each, byte-exact', async function () {

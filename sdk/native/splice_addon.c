@@ -299,11 +299,11 @@ static napi_value Start(napi_env env, napi_callback_info info) {
     free(p); free(r);
     return throw_errno(env, "start", err);
   }
-  p->id = next_id++;
+  uint32_t id = p->id = next_id++;
   if (active++ == 0) napi_ref_threadsafe_function(env, tsfn);
   r->kind = ADD; r->p = p;
-  post(r);
-  napi_create_uint32(env, p->id, &out);
+  post(r); // from here the thread owns p, and may already have ended and freed it
+  napi_create_uint32(env, id, &out);
   return out;
 }
 
@@ -322,13 +322,28 @@ static napi_value Abort(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+// socketError(fd) -> the socket's pending error (SO_ERROR, which this clears), or 0.
+static napi_value SocketError(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], out;
+  int32_t fd;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 1 || napi_get_value_int32(env, argv[0], &fd) != napi_ok || fd < 0) { napi_throw_type_error(env, "TCP_STITCH_SPLICE", "socketError(fd)"); return NULL; }
+  int e = 0;
+  socklen_t len = sizeof e;
+  if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &len) < 0) e = errno;
+  napi_create_int32(env, e, &out);
+  return out;
+}
+
 static napi_value Register(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     { "init", NULL, Init, NULL, NULL, NULL, napi_default, NULL },
     { "start", NULL, Start, NULL, NULL, NULL, napi_default, NULL },
     { "abort", NULL, Abort, NULL, NULL, NULL, napi_default, NULL },
+    { "socketError", NULL, SocketError, NULL, NULL, NULL, napi_default, NULL },
   };
-  napi_define_properties(env, exports, 3, props);
+  napi_define_properties(env, exports, 4, props);
   return exports;
 }
 
