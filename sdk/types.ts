@@ -62,6 +62,11 @@ export interface CoreConnection {
 
 export interface CoreEvents {
   'connection': [CoreConnection];
+  /**
+   * 'fin': both directions ended with a FIN (also when relay() moved them in the kernel); 'reset': a
+   * RST or error from the peer; 'destroyed': the runtime ended it. A RST right behind data reads as
+   * a FIN in Node (libuv) unless relay() moves the stream: relay() asks the kernel.
+   */
   'connection:close': [{ id: string; reason: 'fin' | 'reset' | 'destroyed'; error?: Error }];
   'core-leg:reject': [CoreLegRejectMessage];
   'error': [Error];
