@@ -67,6 +67,8 @@ const connected = (s: Socket) => new Promise<boolean>((resolve) => {
   s.once('connect', () => resolve(true)); s.once('close', () => resolve(false));
 });
 const errnoName = (n: number) => Object.entries(constants.errno).find(([, v]) => v === n)?.[0] ?? `errno ${n}`;
+/** An Error shaped like Node's own socket errors (code, negative errno) for a kernel errno. */
+const errnoError = (what: string, n: number) => Object.assign(new Error(`${what} ${errnoName(n)}`), { code: errnoName(n), errno: -n });
 
 /**
  * The reset or error s holds that Node has not reported, or null (also without the addon). libuv
@@ -76,7 +78,7 @@ const errnoName = (n: number) => Object.entries(constants.errno).find(([, v]) =>
 export function pendingError(s: Socket): Error | null {
   const fd = handleOf(s)?.fd ?? -1;
   const errno = fd >= 0 ? load()?.socketError(fd) ?? 0 : 0;
-  return errno ? Object.assign(new Error(`read ${errnoName(errno)}`), { code: errnoName(errno), errno: -errno }) : null;
+  return errno ? errnoError('read', errno) : null;
 }
 
 export function spliceRelay(a: Socket, b: Socket, cb: RelayCallbacks): Relay {
@@ -117,7 +119,7 @@ export function spliceRelay(a: Socket, b: Socket, cb: RelayCallbacks): Relay {
     pairs.set(id, (dir, side, errno, aborted) => {
       if (dir >= 0) { if (!ended) cb.onEnd?.(dir === 0 ? 'a' : 'b'); return; }
       if (aborted) { if (end()) { resetSocket(a); resetSocket(b); } }
-      else if (side >= 0) fail(side === 0 ? 'a' : 'b', Object.assign(new Error(`splice: ${errnoName(errno)}`), { code: errnoName(errno) }));
+      else if (side >= 0) fail(side === 0 ? 'a' : 'b', errnoError('splice:', errno));
       else if (end()) { // both FINs passed on, each already reported
         kernelFinished.add(a); kernelFinished.add(b);
         a.destroy(); b.destroy();
