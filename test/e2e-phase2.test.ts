@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createTopology, nodeCommand, requirePrivileges, type Topology } from './hosts.ts';
 import { payload, sha256 } from './helpers.ts';
-import { SHELL_PORT, startSegmented, waitForLine } from './bed.ts';
+import { SHELL_PORT, startSegmented, waitForLine, waitForLog } from './bed.ts';
 
 describe('e2e phase 2 (namespaces)', function () {
   this.timeout(180000);
@@ -28,9 +28,10 @@ describe('e2e phase 2 (namespaces)', function () {
     const bed = await startSegmented(topo, { backend: 'http', httpRoot: dir });
     const r = await topo.c.runOk('sh', ['-c', `curl -sS --fail http://${bed.shellAddr}:${SHELL_PORT}/big.bin | sha256sum`], { timeoutMs: 120000 });
     assert.equal(r.stdout.split(' ')[0], sha256(file));
-    // The shell relayed it (phase 2) and logged the connection's end with its byte counts.
-    const closed = bed.logs.shell.map((l) => JSON.parse(l)).find((e) => e.message === 'connection closed');
-    assert.ok(closed, `shell logged no closed connection: ${bed.logs.shell.join('\n')}`);
+    // The shell relayed it (phase 2) and logs the connection's end with its byte counts once both
+    // FINs have passed, which can be after curl has exited.
+    const [line] = await waitForLog(bed.shell, bed.logs.shell, /"connection closed"/);
+    const closed = JSON.parse(line!);
     assert.equal(closed.phase, 2);
     assert.ok(closed.bytesFromCore > 50 << 20, `shell relayed ${closed.bytesFromCore} bytes from the core`);
   });
