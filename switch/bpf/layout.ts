@@ -62,9 +62,15 @@ export type MapName = typeof MAP_NAMES[number];
 
 // ---------------------------------------------------------------------------------------------------
 
-export function addrBytes(addr: string): Buffer {
+/** Writes a dotted IPv4 address at off, in network order (in place: installs encode several per stitch). */
+export function writeAddr(b: Buffer, off: number, addr: string): void {
   if (!isIPv4(addr)) throw new TypeError(`not an IPv4 address: ${addr}`);
-  return Buffer.from(addr.split('.').map(Number));
+  let part = 0;
+  for (let i = 0; i < addr.length; i++) {
+    const c = addr.charCodeAt(i);
+    if (c === 46) { b[off++] = part; part = 0; } else part = part * 10 + c - 48;
+  }
+  b[off] = part;
 }
 
 export function addrString(b: Buffer, off: number): string {
@@ -75,8 +81,8 @@ export interface FlowKey { shellAddr: string; peerAddr: string; shellPort: numbe
 
 export function encodeFlowKey(k: FlowKey): Buffer {
   const b = Buffer.alloc(FLOW_KEY_SIZE);
-  addrBytes(k.shellAddr).copy(b, 0);
-  addrBytes(k.peerAddr).copy(b, 4);
+  writeAddr(b, 0, k.shellAddr);
+  writeAddr(b, 4, k.peerAddr);
   b.writeUInt16BE(k.shellPort, 8);
   b.writeUInt16BE(k.peerPort, 10);
   return b;
@@ -124,8 +130,8 @@ export function encodeGlobalCfg(c: GlobalCfg): Buffer {
   const b = Buffer.alloc(GLOBAL_CFG_SIZE);
   c.shell.forEach((p, i) => {
     const mask = p.prefixLength === 0 ? 0 : (0xffffffff << (32 - p.prefixLength)) >>> 0;
-    const a = addrBytes(p.addr).readUInt32BE(0) & mask;
-    b.writeUInt32BE(a >>> 0, i * 4);
+    writeAddr(b, i * 4, p.addr);
+    b.writeUInt32BE((b.readUInt32BE(i * 4) & mask) >>> 0, i * 4);
     b.writeUInt32BE(mask, 16 + i * 4);
   });
   b.writeUInt32LE(c.shellIfindex, 32);
@@ -135,7 +141,7 @@ export function encodeGlobalCfg(c: GlobalCfg): Buffer {
   b.writeUInt32LE(c.cloneMark >>> 0, 48);
   b.writeUInt16LE(c.mssClamp, 52);
   b.writeUInt16LE(c.flags, 54);
-  if (c.selfAddr) addrBytes(c.selfAddr).copy(b, 56);
+  if (c.selfAddr) writeAddr(b, 56, c.selfAddr);
   return b;
 }
 
@@ -168,8 +174,8 @@ export function encodeStitchCfg(c: StitchCfg): Buffer {
   b.writeUInt32LE(c.flags, 12);
   c.side.forEach((s, i) => {
     const o = 16 + i * STITCH_SIDE_SIZE;
-    addrBytes(s.farAddr).copy(b, o);
-    addrBytes(s.shellAddr).copy(b, o + 4);
+    writeAddr(b, o, s.farAddr);
+    writeAddr(b, o + 4, s.shellAddr);
     b.writeUInt16BE(s.farPort, o + 8);
     b.writeUInt16BE(s.shellPort, o + 10);
     b.writeUInt32LE(s.seqDelta >>> 0, o + 12);
