@@ -142,6 +142,13 @@ async function throughControl(maps: StitchMaps): Promise<InstallRates['control']
   const datapath: Datapath = {
     capabilities: { translations: [...ALL_TRANSLATIONS], tableSize: MAX_STITCHES },
     async install(spec) { installed.set(spec.id, maps.install(spec, { drain: true })); },
+    async installMany(specs) {
+      return maps.installMany(specs, { drain: true }).map((r) => {
+        if (r instanceof Error) return r;
+        installed.set(r.spec.id, r);
+        return undefined;
+      });
+    },
     async remove(id) { const i = installed.get(id); if (i) { maps.remove(i); installed.delete(id); } },
     status(id) {
       return installed.has(id) ? { id, state: 'draining', packetsClientToCore: 0, packetsCoreToClient: 0, bytesClientToCore: 0, bytesCoreToClient: 0, shellPacketsDropped: 0 } : undefined;

@@ -417,12 +417,8 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
       case 'discover': return this.discoverResponse(m);
       case 'stitch': return this.serveStitch(m, m.legs, { address: src.address, keyId }, src);
       case 'stitchMany': {
-        // One after the other, as separate STITCHes would be: the same legs twice give one stitch.
-        const entries: StitchManyEntry[] = [];
-        for (const legs of m.legs) {
-          const r = await this.serveStitch(m, legs, { address: src.address, keyId }, src) as StitchResponse | StitchManyResponse;
-          entries.push(r.result === 'SUCCESS' ? { result: 'SUCCESS', stitch: (r as StitchResponse).stitch! } : { result: r.result });
-        }
+        const rs = await this.serveStitches(m, m.legs, { address: src.address, keyId }, src) as Array<StitchResponse | StitchManyResponse>;
+        const entries = rs.map((r): StitchManyEntry => r.result === 'SUCCESS' ? { result: 'SUCCESS', stitch: (r as StitchResponse).stitch! } : { result: r.result });
         return { ...this.responseBase(m, 'SUCCESS'), opcode: 'stitchMany', entries };
       }
       case 'unstitch': return this.serveUnstitch(m, m.id, { address: src.address, keyId }, src);
@@ -446,54 +442,99 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
   }
 
   private async serveStitch(m: Request, legs: StitchLegs, owner: StitchOwner, src: Source): Promise<Response> {
-    const why = this.checkLegs(legs, src);
-    if (why) {
-      this.reject('bad-legs', src, { why });
-      return this.errorResponse(m, 'BAD_LEGS');
-    }
-    for (;;) {
+    return (await this.serveStitches(m, [legs], owner, src))[0]!;
+  }
+
+  /**
+   * STITCH and STITCH_MANY: the legs are admitted in order, as separate STITCHes would be (the same
+   * legs twice give one stitch), and the new stitches go to the datapath in one call, so a
+   * STITCH_MANY pays for its map writes once per datagram, not once per stitch.
+   */
+  private async serveStitches(m: Request, all: StitchLegs[], owner: StitchOwner, src: Source): Promise<Response[]> {
+    const out: Response[] = [];
+    const fresh: Array<{ i: number; entry: TableEntry }> = [];
+    const waiting: Array<{ i: number; installing: Promise<void> }> = []; // legs of a stitch being installed: served again after
+    let installed!: () => void;
+    const installing = new Promise<void>((resolve) => { installed = resolve; });
+    all.forEach((legs, i) => {
+      const why = this.checkLegs(legs, src);
+      if (why) {
+        this.reject('bad-legs', src, { why });
+        out[i] = this.errorResponse(m, 'BAD_LEGS');
+        return;
+      }
       const a = this.table.admit(legs, owner);
       if (a.kind === 'existing') {
-        if (a.entry.installing) { await a.entry.installing; continue; }
-        if (a.entry.adopted) return this.claim(m, a.entry, legs, owner, src);
-        if (a.entry.removing || a.entry.ended) { this.reject('leg-in-use', src); return this.errorResponse(m, 'LEG_IN_USE'); }
-        a.entry.notifyPort = src.port;
-        const state = this.datapath.status(a.entry.spec.id)?.state ?? 'stitched';
-        return { ...this.responseBase(m, 'SUCCESS'), opcode: 'stitch', stitch: { id: a.entry.spec.id, state, existing: true } };
+        if (a.entry.installing) waiting.push({ i, installing: a.entry.installing });
+        else out[i] = this.existingStitch(m, a.entry, legs, owner, src);
+        return;
       }
       if (a.kind === 'refused') {
         this.reject(a.reason, src);
         this.log.info('stitch refused', { reason: a.reason, owner });
-        const result: ResultCode = a.reason === 'not-owner' ? 'NOT_OWNER' : a.reason === 'leg-in-use' ? 'LEG_IN_USE' : 'NO_RESOURCES';
-        return this.errorResponse(m, result);
+        out[i] = this.errorResponse(m, a.reason === 'not-owner' ? 'NOT_OWNER' : a.reason === 'leg-in-use' ? 'LEG_IN_USE' : 'NO_RESOURCES');
+        return;
       }
-      const spec: StitchSpec = { id: a.id, ...structuredClone(legs) };
-      const entry: TableEntry = { spec, owner, notifyPort: src.port, createdAt: this.now() };
-      let installError: unknown;
-      entry.installing = this.datapath.install(spec).then(() => undefined, (err: unknown) => { installError = err ?? new Error('install failed'); });
+      const entry: TableEntry = {
+        spec: { id: a.id, ...legs }, // legs were decoded for this request alone: no copy
+        owner, notifyPort: src.port, createdAt: this.now(), installing,
+      };
       this.table.add(entry);
-      await entry.installing;
-      delete entry.installing;
-      if (installError !== undefined) {
-        this.table.delete(spec.id);
-        const untracked = (installError as { reason?: unknown }).reason === 'untracked-leg';
-        this.reject(untracked ? 'untracked-leg' : 'datapath-error', src);
-        this.log.info('stitch refused', { reason: untracked ? 'untracked-leg' : 'datapath-error', id: spec.id, err: installError });
-        return this.errorResponse(m, untracked ? 'UNTRACKED_LEG' : 'DATAPATH_ERROR');
-      }
-      if (this.closed) return this.errorResponse(m, 'DATAPATH_ERROR');
-      this.stats.installs++;
-      const deferred = entry.deferredStatus;
-      if (deferred) {
-        // The datapath reported a change while installing: tell the owner after this reply.
-        delete entry.deferredStatus;
-        const t = setImmediate(() => { this.immediates.delete(t); this.onStateChange(deferred); });
-        this.immediates.add(t);
-      }
-      const state = this.datapath.status(spec.id)?.state ?? 'stitched';
-      this.log.info('stitch installed', { id: spec.id, owner, state });
-      return { ...this.responseBase(m, 'SUCCESS'), opcode: 'stitch', stitch: { id: spec.id, state, existing: false } };
+      fresh.push({ i, entry });
+    });
+    if (fresh.length > 0) {
+      const errors = await this.install(fresh.map((f) => f.entry.spec));
+      installed();
+      fresh.forEach(({ i, entry }, k) => { out[i] = this.installedStitch(m, entry, errors[k], src); });
     }
+    for (const w of waiting) {
+      await w.installing;
+      out[w.i] = await this.serveStitch(m, all[w.i]!, owner, src);
+    }
+    return out;
+  }
+
+  /** The datapath's installs, one call for all when it can; per spec undefined or what refused it. */
+  private async install(specs: StitchSpec[]): Promise<Array<unknown>> {
+    const failed = (err: unknown) => err ?? new Error('install failed');
+    if (this.datapath.installMany) return this.datapath.installMany(specs).catch((err: unknown) => specs.map(() => failed(err)));
+    const errors: unknown[] = [];
+    for (const spec of specs) errors.push(await this.datapath.install(spec).then(() => undefined, failed));
+    return errors;
+  }
+
+  /** The answer to a STITCH of legs already stitched (or adopted, or on their way out). */
+  private existingStitch(m: Request, e: TableEntry, legs: StitchLegs, owner: StitchOwner, src: Source): Response {
+    if (e.adopted) return this.claim(m, e, legs, owner, src);
+    if (e.removing || e.ended) { this.reject('leg-in-use', src); return this.errorResponse(m, 'LEG_IN_USE'); }
+    e.notifyPort = src.port;
+    const state = this.datapath.status(e.spec.id)?.state ?? 'stitched';
+    return { ...this.responseBase(m, 'SUCCESS'), opcode: 'stitch', stitch: { id: e.spec.id, state, existing: true } };
+  }
+
+  /** The answer to a STITCH whose install has finished, with installError when it failed. */
+  private installedStitch(m: Request, entry: TableEntry, installError: unknown, src: Source): Response {
+    const { spec } = entry;
+    delete entry.installing;
+    if (installError !== undefined) {
+      this.table.delete(spec.id);
+      const untracked = (installError as { reason?: unknown }).reason === 'untracked-leg';
+      this.reject(untracked ? 'untracked-leg' : 'datapath-error', src);
+      this.log.info('stitch refused', { reason: untracked ? 'untracked-leg' : 'datapath-error', id: spec.id, err: installError });
+      return this.errorResponse(m, untracked ? 'UNTRACKED_LEG' : 'DATAPATH_ERROR');
+    }
+    if (this.closed) return this.errorResponse(m, 'DATAPATH_ERROR');
+    this.stats.installs++;
+    const deferred = entry.deferredStatus;
+    if (deferred) {
+      // The datapath reported a change while installing: tell the owner after this reply.
+      delete entry.deferredStatus;
+      const t = setImmediate(() => { this.immediates.delete(t); this.onStateChange(deferred); });
+      this.immediates.add(t);
+    }
+    const state = this.datapath.status(spec.id)?.state ?? 'stitched';
+    this.log.info('stitch installed', { id: spec.id, owner: entry.owner, state });
+    return { ...this.responseBase(m, 'SUCCESS'), opcode: 'stitch', stitch: { id: spec.id, state, existing: false } };
   }
 
   // ------------------------------------------------------------------------------------------

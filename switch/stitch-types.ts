@@ -70,6 +70,9 @@ export interface Datapath {
   };
   /** Has the datapath seen both legs' handshakes? A stitch of an untracked leg is refused. */
   install(spec: StitchSpec): Promise<void>;
+  /** Several installs at once (a STITCH_MANY), each refused on its own: per spec, undefined when
+   *  installed or the error that refused it. Without it the daemon calls install() per spec. */
+  installMany?(specs: StitchSpec[]): Promise<Array<Error | undefined>>;
   remove(id: number): Promise<void>;
   status(id: number): StitchStatus | undefined;
   /** Called with every state change the datapath observes (FIN, RST, drained, ...). */

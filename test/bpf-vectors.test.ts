@@ -17,11 +17,11 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
   CFG_NO_CLONE, FLOW_ACKED, FLOW_SACK_OK, FLOW_SYN, FLOW_TS_OK, FLOW_WS_OK, PHASE_DRAINING, PHASE_STITCHED,
-  SIDE_CLIENT, SIDE_CORE, TERM_FIN, TERM_FIN_ACKED, TERM_RST, FLOW_KEY_SIZE, STITCH_STATE_SIZE, decodeStitchState,
-  type FlowVal, type GlobalCfg,
+  SIDE_CLIENT, SIDE_CORE, TERM_FIN, TERM_FIN_ACKED, TERM_RST, FLOW_DIR_SIZE, FLOW_KEY_SIZE, FLOW_VAL_SIZE, MAX_STITCHES,
+  STITCH_CFG_SIZE, STITCH_STATE_SIZE, decodeStitchState, encodeFlowKey, u32Key, type FlowVal, type GlobalCfg,
 } from '../switch/bpf/layout.ts';
-import { DEFAULT_CLONE_MARK, STITCH_OBJECT, StitchMaps, openStitchObject, statusOf, type StitchObject } from '../switch/datapath.ts';
-import { mapDelete, mapNextKey, progTestRun } from '../switch/native/index.ts';
+import { DEFAULT_CLONE_MARK, STITCH_OBJECT, StitchMaps, clientLegKey, coreLegKey, openStitchObject, statusOf, type StitchObject } from '../switch/datapath.ts';
+import { mapDelete, mapNextKey, mapUpdate, progTestRun } from '../switch/native/index.ts';
 import type { StitchSpec } from '../switch/stitch-types.ts';
 import { buildIcmp, buildPacket, encodeOptions, icmpChecksumsOk, parsePacket, quoteOf, requote, u32, type PacketSpec, type TcpOptions } from './fixtures/bpf/packets.ts';
 
@@ -303,6 +303,61 @@ describe('bpf vectors', function () {
         return true;
       });
       assert.equal(t.maps.cfg(w.id), undefined, 'nothing committed');
+    });
+
+    describe('installMany (a STITCH_MANY\'s installs, one batched write per map)', () => {
+      // Legs i: C:40100+i -> A:8080 and A:41100+i -> B:9000, "tracked" by writing what the program
+      // writes after both handshakes (FLOW_SYN both ways) straight into `flows`.
+      const spec = (i: number): StitchSpec => ({
+        id: i, clientLeg: { client: { address: C, port: 40100 + i }, shell: { address: A, port: P2 } },
+        coreLeg: { shell: { address: A, port: 41100 + i }, core: { address: B, port: V2 } },
+        clientOffset: 0n, corePreambleLength: 0, shellOffset: 0n, coreAnswerLength: 0,
+      });
+      const track = (s: StitchSpec) => {
+        const v = Buffer.alloc(FLOW_VAL_SIZE);
+        v[45] = FLOW_SYN;
+        v[FLOW_DIR_SIZE + 45] = FLOW_SYN;
+        mapUpdate(t.obj.maps.flows, encodeFlowKey(clientLegKey(s)), v);
+        mapUpdate(t.obj.maps.flows, encodeFlowKey(coreLegKey(s)), v);
+      };
+      const count = (fd: number, keySize: number) => {
+        let n = 0;
+        for (let k = mapNextKey(fd, null, keySize); k; k = mapNextKey(fd, k, keySize)) n++;
+        return n;
+      };
+      const entries = () => ({
+        stitch_cfg: count(t.obj.maps.stitch_cfg, 4), legs: count(t.obj.maps.legs, FLOW_KEY_SIZE), stitch_state: count(t.obj.maps.stitch_state, 4),
+      });
+
+      it('installMany - each stitch is refused on its own: an untracked leg refuses only its stitch', () => {
+        t.reset();
+        [1, 3].map(spec).forEach(track);
+        const r = t.maps.installMany([spec(1), spec(2), spec(3)], { drain: true });
+        assert.ok(!(r[0] instanceof Error) && !(r[2] instanceof Error), 'stitches 1 and 3 installed');
+        assert.ok(r[1] instanceof Error && /UNTRACKED_LEG: stitch 2/.test(r[1].message), `stitch 2 refused: ${String(r[1])}`);
+        for (const i of [1, 3]) {
+          const inst = r[i - 1] as Exclude<typeof r[number], Error>;
+          assert.equal(t.maps.cfg(i)?.gen, inst.gen, `stitch ${i} committed with its generation`);
+          assert.equal(t.maps.state(i)?.gen, inst.gen);
+        }
+        assert.deepEqual(entries(), { stitch_cfg: 2, legs: 4, stitch_state: 2 });
+      });
+
+      it('installMany - a batch the kernel refuses half way is retried one by one: what fits is installed, nothing of the rest is left', () => {
+        t.reset();
+        // stitch_cfg (MAX_STITCHES entries) with room for one more: the commit batch fails at its second.
+        const filler = Buffer.alloc(STITCH_CFG_SIZE);
+        for (let i = 0; i < MAX_STITCHES - 1; i++) mapUpdate(t.obj.maps.stitch_cfg, u32Key(100_000 + i), filler);
+        [1, 2, 3].map(spec).forEach(track);
+        const r = t.maps.installMany([spec(1), spec(2), spec(3)], { drain: true });
+        assert.ok(!(r[0] instanceof Error), `stitch 1 installed: ${String(r[0])}`);
+        for (const e of r.slice(1)) assert.ok(e instanceof Error && (e as Error & { errnoName?: string }).errnoName === 'E2BIG', `refused for the full table: ${String(e)}`);
+        assert.equal(t.maps.cfg(1)?.gen, (r[0] as Exclude<typeof r[number], Error>).gen);
+        assert.deepEqual(entries(), { stitch_cfg: MAX_STITCHES, legs: 2, stitch_state: 1 }, 'only stitch 1\'s entries besides the filler');
+        assert.throws(() => t.maps.install(spec(2), { drain: true }), /E2BIG/, 'alone, too');
+        assert.deepEqual(entries(), { stitch_cfg: MAX_STITCHES, legs: 2, stitch_state: 1 }, 'and left nothing');
+        t.reset();
+      });
     });
 
     it('tracking - MSS of the shell\'s SYN and SYN-ACK clamped to the configured value; smaller MSS untouched', () => {

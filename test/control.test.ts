@@ -13,6 +13,7 @@ import {
 } from '../switch/protocol.ts';
 import { createSwitchControl, type SwitchControl, type SwitchControlInit } from '../switch/control-server.ts';
 import { ALL_TRANSLATIONS, createTableDatapath, untrackedLegError, type TableDatapath } from '../switch/table-datapath.ts';
+import type { Datapath } from '../switch/stitch-types.ts';
 import { createControlClient, SwitchRequestError, type ControlClient, type ControlClientInit } from '../agent/control-client.ts';
 import { probeSwitch } from '../agent/discovery-probe.ts';
 import { activeResources } from './helpers.ts';
@@ -139,24 +140,38 @@ describe('control', () => {
     await refused(c.stitch({ ...legsFor(1), coreLeg: legsFor(5).coreLeg }), 'LEG_IN_USE');
   });
 
-  it('control - stitch() calls in one event-loop turn travel as STITCH_MANY, ten per datagram; each settles with its own entry', async () => {
-    const { sw, dp, port } = await startSwitch({}, { tracked: (s) => s.clientLeg.client.port !== 40002 });
-    const c = client(port);
-    await c.discover();
-    const wanted = [...Array.from({ length: 23 }, (_, i) => legsFor(i + 1)), legsFor(5)]; // 5 twice
-    const settled = await Promise.allSettled(wanted.map((l) => c.stitch(l)));
-    assert.equal(c.counters().requests, 1 + 3, 'DISCOVER, then 24 stitches in three datagrams');
-    const untracked = settled[1]!;
-    assert.ok(untracked.status === 'rejected' && untracked.reason instanceof SwitchRequestError && untracked.reason.result === 'UNTRACKED_LEG');
-    const ok = settled.filter((r): r is PromiseFulfilledResult<StitchResult> => r.status === 'fulfilled').map((r) => r.value);
-    assert.equal(ok.length, 23);
-    assert.deepStrictEqual((settled[23] as PromiseFulfilledResult<StitchResult>).value, { ...(settled[4] as PromiseFulfilledResult<StitchResult>).value, existing: true }, 'the same legs again: that stitch');
-    assert.equal(dp.installs, 22);
-    assert.equal(sw.counters().installs, 22);
-    for (const [i, r] of settled.entries()) {
-      if (r.status === 'fulfilled') assert.deepStrictEqual(dp.stitches.get(r.value.id), { id: r.value.id, ...wanted[i]! });
-    }
-  });
+  for (const batched of [false, true]) {
+    it(`control - stitch() calls in one event-loop turn travel as STITCH_MANY, ten per datagram; each settles with its own entry${batched ? ' (a datapath with installMany gets each datagram\'s new stitches in one call)' : ''}`, async () => {
+      const { sw, dp, port } = await startSwitch({}, { tracked: (s) => s.clientLeg.client.port !== 40002 });
+      const calls: number[][] = [];
+      if (batched) {
+        (dp as Datapath).installMany = async (specs) => {
+          calls.push(specs.map((s) => s.id));
+          const errors: Array<Error | undefined> = [];
+          for (const s of specs) errors.push(await dp.install(s).then(() => undefined, (e: Error) => e));
+          return errors;
+        };
+      }
+      const c = client(port);
+      await c.discover();
+      const wanted = [...Array.from({ length: 23 }, (_, i) => legsFor(i + 1)), legsFor(5), legsFor(21)]; // 5 again later, 21 in its own datagram
+      const settled = await Promise.allSettled(wanted.map((l) => c.stitch(l)));
+      assert.equal(c.counters().requests, 1 + 3, 'DISCOVER, then 25 stitches in three datagrams');
+      const untracked = settled[1]!;
+      assert.ok(untracked.status === 'rejected' && untracked.reason instanceof SwitchRequestError && untracked.reason.result === 'UNTRACKED_LEG');
+      const ok = settled.filter((r): r is PromiseFulfilledResult<StitchResult> => r.status === 'fulfilled').map((r) => r.value);
+      assert.equal(ok.length, 24);
+      const value = (i: number) => (settled[i] as PromiseFulfilledResult<StitchResult>).value;
+      assert.deepStrictEqual(value(23), { ...value(4), existing: true }, 'the same legs again: that stitch');
+      assert.deepStrictEqual(value(24), { ...value(20), existing: true }, 'the same legs twice in one datagram: one stitch');
+      assert.equal(dp.installs, 22);
+      assert.equal(sw.counters().installs, 22);
+      for (const [i, r] of settled.entries()) {
+        if (r.status === 'fulfilled') assert.deepStrictEqual(dp.stitches.get(r.value.id), { id: r.value.id, ...wanted[i]! });
+      }
+      if (batched) assert.deepStrictEqual(calls.map((c) => c.length), [10, 10, 3], 'one call per datagram, the repeated legs not among them');
+    });
+  }
 
   it('control client - stitch() refuses legs it cannot encode, naming the field, and sends nothing', async () => {
     const { port } = await startSwitch();
