@@ -9,7 +9,9 @@
 //             many as the agent has in flight for `stitch --all`; the client sends the calls of one
 //             event-loop turn as STITCH_MANY, ten per datagram) from the agent's control client (in
 //             a process of its own, bench/control-load.ts) to the switch's control server here,
-//             whose datapath installs with StitchMaps.install into the same maps.
+//             whose datapath installs each datagram's stitches with StitchMaps.installMany into the
+//             same maps. A warm-up round (all installed, all removed), then three measured: the
+//             median, and the warm-up's own rate (a daemon's first burst after it started).
 import winston from 'winston';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
@@ -30,7 +32,10 @@ export interface InstallRates {
   stitches: number;
   single: { perSecond: number; p50Us: number; p99Us: number; rounds: number };
   batched: { perSecond: number; batch: number; rounds: number };
-  control: { perSecond: number; removalsPerSecond: number; inFlight: number; n: number; retransmissions: number; datagrams: number } | { error: string };
+  control: {
+    perSecond: number; removalsPerSecond: number; rounds: number[]; warmUpPerSecond: number;
+    inFlight: number; n: number; retransmissions: number; datagrams: number;
+  } | { error: string };
 }
 
 const silent = winston.createLogger({ silent: true, transports: [new winston.transports.Console({ silent: true })] });
