@@ -621,7 +621,9 @@ describe('bpf vectors', function () {
     // 300, window 30<<10; B sent an 11-byte answer and 300 bytes (0..310), the shell acked them all,
     // window 100<<8; the shell sent C 500 bytes (200 over the link, 300 relayed); C acked 250, window
     // 100<<7. Neither far end's window covers the edge the shell advertised to the other: both
-    // boundaries are the shell's edges.
+    // boundaries are the shell's edges. Until a far end has acknowledged everything up to the
+    // boundary of the stream it receives, the window it is shown is capped at that boundary.
+    const edgeB = 311 + (100 << 8), edgeC = 1000 + (200 << 9); // B's and C's boundaries
     before(function () {
       if (!t.obj) this.skip();
       t.reset();
@@ -647,12 +649,13 @@ describe('bpf vectors', function () {
     it('draining - C data below the shell\'s old edge is the shell\'s (cloned); B gets only its ACK (raised to the shell\'s), at the highest seq B was sent', () => {
       const input = w.c2a({ seq: w.sC(1000), ack: w.sAc(250), flags: 'PA', win: 300, payload: 100, options: w.ts(w.ts0.c + 6, w.ts0.ac + 4) });
       // C's ack (A->C byte 250 = B byte 61) is below what the shell acked to B (311): raised; the
-      // edge C offered (B byte 61 + 38400) is above the shell's old edge (311 + 25600): kept. The
-      // data stays with the shell; the pure ACK to B sits at the highest byte B was sent (core 637,
-      // within B's last ack 300 and its edge): B may already have acked more than S has seen.
+      // edge C offered (B byte 61 + 38400) is above the shell's old edge (311 + 25600), B's
+      // boundary, which C has not acknowledged yet: capped there. The data stays with the shell;
+      // the pure ACK to B sits at the highest byte B was sent (core 637, within B's last ack 300 and
+      // its edge): B may already have acked more than S has seen.
       const expectedOutput = w.a2b({
         seq: w.sAv(637), ack: w.sB(311), flags: 'A', ttl: 63,
-        win: (w.iToJ(250) + (300 << 7) - 311) >> 8, options: { ts: [w.tsFromC(w.ts0.c + 6), w.ecrToB(w.ts0.ac + 4)] },
+        win: (edgeB - 311) >> 8, options: { ts: [w.tsFromC(w.ts0.c + 6), w.ecrToB(w.ts0.ac + 4)] },
       });
       t.vector({ description: 'C data below the boundary', input, expectedOutput, expectedReturn: TC_ACT_REDIRECT });
       const st = t.maps.state(w.id)!;
@@ -667,13 +670,13 @@ describe('bpf vectors', function () {
       const ack400 = w.c2a({ seq: w.sC(1100), ack: w.sAc(400), win: 300, options: w.ts(w.ts0.c + 7, w.ts0.ac + 4) });
       t.vector({
         description: 'C acks 400', input: ack400, expectedReturn: TC_ACT_REDIRECT,
-        expectedOutput: w.a2b({ seq: w.sAv(w.kToM(1100)), ack: w.sB(311), ttl: 63, win: (w.iToJ(400) + (300 << 7) - 311) >> 8, options: { ts: [w.tsFromC(w.ts0.c + 7), w.ecrToB(w.ts0.ac + 4)] } }),
+        expectedOutput: w.a2b({ seq: w.sAv(w.kToM(1100)), ack: w.sB(311), ttl: 63, win: (edgeB - 311) >> 8, options: { ts: [w.tsFromC(w.ts0.c + 7), w.ecrToB(w.ts0.ac + 4)] } }),
       });
       assert.equal(clones(SIDE_CLIENT), 2n);
       const again = w.c2a({ seq: w.sC(1100), ack: w.sAc(400), win: 300, options: w.ts(w.ts0.c + 8, w.ts0.ac + 4) });
       t.vector({
         description: 'C dup ACK', input: again, expectedReturn: TC_ACT_REDIRECT,
-        expectedOutput: w.a2b({ seq: w.sAv(w.kToM(1100)), ack: w.sB(311), ttl: 63, win: (w.iToJ(400) + (300 << 7) - 311) >> 8, options: { ts: [w.tsFromC(w.ts0.c + 8), w.ecrToB(w.ts0.ac + 4)] } }),
+        expectedOutput: w.a2b({ seq: w.sAv(w.kToM(1100)), ack: w.sB(311), ttl: 63, win: (edgeB - 311) >> 8, options: { ts: [w.tsFromC(w.ts0.c + 8), w.ecrToB(w.ts0.ac + 4)] } }),
       });
       assert.equal(clones(SIDE_CLIENT), 2n, 'no clone for an ACK the shell has already had');
     });
@@ -687,7 +690,7 @@ describe('bpf vectors', function () {
       sack.writeUInt32BE(w.sB(311), 4);
       sack.writeUInt32BE(w.sB(w.iToJ(520)), 8);
       const expectedOutput = w.a2b({
-        seq: w.sAv(w.kToM(1100)), ack: w.sB(311), ttl: 63, win: (w.iToJ(400) + (300 << 7) - 311) >> 8,
+        seq: w.sAv(w.kToM(1100)), ack: w.sB(311), ttl: 63, win: (edgeB - 311) >> 8,
         options: { raw: Buffer.concat([encodeOptions({ ts: [w.tsFromC(w.ts0.c + 8), w.ecrToB(w.ts0.ac + 4)] }), sack]) },
       });
       t.vector({ description: 'C dup ACK with SACK during the drain', input, expectedOutput, expectedReturn: TC_ACT_REDIRECT });
@@ -713,7 +716,8 @@ describe('bpf vectors', function () {
       const input = w.c2a({ seq: w.sC(k), ack: w.sAc(600), flags: 'PA', win: 300, payload: 50, options: w.ts(w.ts0.c + 9, w.ts0.ac + 4) });
       t.vector({
         description: 'C data beyond the boundary', input, expectedReturn: TC_ACT_REDIRECT,
-        expectedOutput: w.a2b({ seq: w.sAv(w.kToM(k)), ack: w.sB(w.iToJ(600)), flags: 'PA', ttl: 63, payload: 50, win: (300 << 7) >> 8, options: { ts: [w.tsFromC(w.ts0.c + 9), w.ecrToB(w.ts0.ac + 4)] } }),
+        // C's window toward B stays capped at B's boundary: C acked only B byte 411 of it
+        expectedOutput: w.a2b({ seq: w.sAv(w.kToM(k)), ack: w.sB(w.iToJ(600)), flags: 'PA', ttl: 63, payload: 50, win: (edgeB - w.iToJ(600)) >> 8, options: { ts: [w.tsFromC(w.ts0.c + 9), w.ecrToB(w.ts0.ac + 4)] } }),
       });
       assert.equal(clones(SIDE_CLIENT), 3n, 'the ACK part (600, clamped to 500) is new to the shell');
       // the clone as it re-enters: a pure ACK at the highest seq the shell was handed (1100, within
@@ -734,12 +738,13 @@ describe('bpf vectors', function () {
       assert.equal(parsePacket(out).options.nops, 14);
     });
 
-    it('draining - the shell\'s segments go on rewritten (ack raised, window from C\'s edge, TSval raised); pure ACKs that raise nothing and FINs are dropped', () => {
+    it('draining - the shell\'s segments go on rewritten (ack raised, window capped at the boundary, TSval raised); pure ACKs that raise nothing and FINs are dropped', () => {
       const before = t.maps.state(w.id)!;
       const input = w.a2b({ seq: w.sAv(w.kToM(1000)), ack: w.sB(311), flags: 'PA', win: 100, payload: 100, options: w.ts(w.ts0.av + 5, w.ts0.b + 8) });
-      // C acked A->C byte 600 = B byte 411; C's edge 600 + 38400 -> B byte 38811
+      // C acked A->C byte 600 = B byte 411; C's edge 600 + 38400 -> B byte 38811, capped at B's
+      // boundary (C has not acknowledged up to it)
       const expectedOutput = w.a2b({
-        seq: w.sAv(w.kToM(1000)), ack: w.sB(411), flags: 'PA', payload: 100, win: (38811 - 411) >> 8,
+        seq: w.sAv(w.kToM(1000)), ack: w.sB(411), flags: 'PA', payload: 100, win: (edgeB - 411) >> 8,
         options: { ts: [Math.max(w.seen.b, w.ts0.av + 5), w.ts0.b + 8] },
       });
       t.vector({ description: 'shell data to B', input, expectedOutput, expectedReturn: TC_ACT_OK });
@@ -797,9 +802,11 @@ describe('bpf vectors', function () {
       });
       w.shellSent('c', w.ts0.ac + 7);
       assert.equal(t.maps.state(w.id)!.drainOkNs, 0n, 'B has not acked the shell\'s relay yet');
-      // B acks everything the shell relayed (client 1120 = core 757) with a window covering the old edge
+      // B acks everything the shell relayed (client 1120 = core 757) with a window covering the old
+      // edge; C sees that window capped at its boundary while the drain lasts (B has not acked up to
+      // it), and in full once stitched (below)
       const bAck = () => w.b2a({ seq: w.sB(411), ack: w.sAv(w.kToM(1120)), win: 200, options: w.ts(w.ts0.b + 9, w.ts0.av + 5) });
-      const bAckOut = () => w.a2c({ seq: w.sAc(w.jToI(411)), ack: w.sC(1120), ttl: 63, win: (200 << 10) >> 9, options: { ts: [w.tsFromB(w.ts0.b + 9), w.ecrToC(w.ts0.av + 5)] } });
+      const bAckOut = () => w.a2c({ seq: w.sAc(w.jToI(411)), ack: w.sC(1120), ttl: 63, win: (edgeC - 1120) >> 9, options: { ts: [w.tsFromB(w.ts0.b + 9), w.ecrToC(w.ts0.av + 5)] } });
       t.vector({ description: 'B acks the relay', input: bAck(), expectedOutput: bAckOut(), expectedReturn: TC_ACT_REDIRECT });
       let st = t.maps.state(w.id)!;
       assert.notEqual(st.drainOkNs, 0n, 'drain condition holds');
@@ -811,6 +818,10 @@ describe('bpf vectors', function () {
       assert.equal(st.phase, PHASE_STITCHED);
       assert.equal(statusOf(w.id, st).state, 'stitched');
       const clonesBefore = st.side[SIDE_CLIENT].clones;
+      t.vector({
+        description: 'B ACK once stitched: its window in full', input: bAck(), expectedReturn: TC_ACT_REDIRECT,
+        expectedOutput: w.a2c({ seq: w.sAc(w.jToI(411)), ack: w.sC(1120), ttl: 63, win: (200 << 10) >> 9, options: { ts: [w.tsFromB(w.ts0.b + 9), w.ecrToC(w.ts0.av + 5)] } }),
+      });
       const late = w.a2c({ seq: w.sAc(500), ack: w.sC(1300), win: 200, options: w.ts(w.ts0.ac + 9, w.ts0.c + 9) });
       t.vector({ description: 'the shell silenced', input: late, expectedOutput: late, expectedReturn: TC_ACT_SHOT });
       t.vector({
@@ -880,6 +891,38 @@ describe('bpf vectors', function () {
       assert.deepEqual([statusOf(w.id, st).state, statusOf(w.id, st).reason], ['closed', 'client-rst']);
       const toC = w.a2c({ seq: w.sAc(0), ack: w.sC(0), flags: 'RA', win: 0 });
       t.vector({ description: 'shell RST to C (B never reset)', input: toC, expectedOutput: toC, expectedReturn: TC_ACT_SHOT });
+    });
+  });
+
+  describe('draining: a busy shell whose far ends have room', () => {
+    // As in "the handover" above, but B's window (200<<10 from core byte 300: client byte 205463)
+    // covers the edge the shell advertised to C (client byte 103400), and B has acknowledged only
+    // core byte 300 (client 663) of the 1000 client bytes the shell was handed: the shell still
+    // relays. C's boundary is the shell's edge, not what it was handed: a byte sent past the shell
+    // now would wait at B, out of order, for the shell's backlog.
+    before(function () {
+      if (!t.obj) this.skip();
+      t.reset();
+      w = new World(t, { ts: true, sack: true, ws: { c: 7, ac: 9, av: 8, b: 10 } });
+      w.handshakes();
+      const ok = (description: string, input: Buffer) => t.vector({ description, input, expectedOutput: input, expectedReturn: TC_ACT_OK });
+      ok('C data 0..999', w.c2a({ seq: w.sC(0), ack: w.sAc(0), flags: 'PA', payload: 1000, win: 100, options: w.ts(w.ts0.c + 2, w.ts0.ac) }));
+      ok('shell acks C', w.a2c({ seq: w.sAc(0), ack: w.sC(1000), win: 200, options: w.ts(w.ts0.ac + 2, w.ts0.c + 2) }));
+      ok('shell preamble + relay to B', w.a2b({ seq: w.sAv(0), ack: w.sB(0), flags: 'PA', payload: 637, win: 100, options: w.ts(w.ts0.av + 3, w.ts0.b) }));
+      ok('B acks 300, window 200<<10', w.b2a({ seq: w.sB(0), ack: w.sAv(300), win: 200, options: w.ts(w.ts0.b + 3, w.ts0.av + 3) }));
+      w.shellSent('b', w.ts0.av + 3);
+      w.shellSent('c', w.ts0.ac + 2);
+      w.captureBases();
+      t.maps.install(w.spec, { drain: true });
+    });
+
+    it('draining - C\'s boundary is the shell\'s advertised edge while B has not acknowledged what the shell was handed, however wide B\'s window', () => {
+      const r = t.run(w.c2a({ seq: w.sC(1000), ack: w.sAc(0), flags: 'PA', win: 300, payload: 100, options: w.ts(w.ts0.c + 6, w.ts0.ac + 2) }));
+      assert.equal(r.retval, TC_ACT_REDIRECT);
+      const st = t.maps.state(w.id)!;
+      assert.equal(st.side[SIDE_CLIENT].boundary, w.sC(1000 + (200 << 9)), 'the shell\'s edge');
+      assert.equal(st.side[SIDE_CLIENT].bytes, 0n, 'the data went to the shell, not to B');
+      assert.equal(st.side[SIDE_CLIENT].clones, 1n);
     });
   });
 

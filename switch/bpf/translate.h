@@ -29,6 +29,16 @@ static __always_inline __u32 clamp_win(__u32 edge, __u32 ack, __u32 shift)
 	return w > 65535 ? 65535 : w;
 }
 
+/* The right edge advertised to a sender while the shell drains its stream (rule 5): at least the
+ * boundary (the shell promised that much), and not past it until the receiver acknowledged
+ * everything up to it. A byte beyond would wait at the receiver, out of order and SACKed, for the
+ * shell's backlog, while the sender's cumulative ack stood still: a retransmission timeout whenever
+ * the drain outlasts the sender's RTO. */
+static __always_inline __u32 drain_edge(__u32 edge, __u32 boundary, __u32 acked)
+{
+	return seq_before(acked, boundary) ? boundary : seq_max(edge, boundary);
+}
+
 /* The sequence number for an ACK S makes up for an end: the highest byte anyone sent it, kept
  * within [its last ack, its right edge] as S last saw them. A receiver discards a segment whose seq
  * lies below its rcv_wup (the ack it last sent) with the ACK it carries; its last ack as seen at S
@@ -112,12 +122,17 @@ static __always_inline __u32 take_snapshot(const struct stitch_cfg *sc, struct s
 	for (int s = 0; s < 2; s++) {
 		struct flow_val *f = s ? f1 : f0, *fo = s ? f0 : f1;
 		struct stitch_state_side *ss = &st->side[s];
-		/* the shell's advertised edge, and the other far end's edge mapped onto this leg */
+		/* the shell's advertised edge, the other far end's edge mapped onto this leg, and what
+		 * the other far end acknowledged of what the shell was handed */
 		__u32 e_shell = f->dir[0].edge_hi, e_other = fo->dir[1].edge_hi - sc->side[s].seq_delta;
+		__u32 acked = fo->dir[1].ack_hi - sc->side[s].seq_delta;
 
-		/* Far s may send up to e_shell. If the other far end can take all of that, every byte
-		 * the shell was not handed yet goes there; if not, the shell keeps what it promised. */
-		ss->boundary = seq_before(e_other, e_shell) ? seq_max(e_shell, f->dir[1].seq_hi) : f->dir[1].seq_hi;
+		/* Far s may send up to e_shell. If the other far end can take all of that and the shell
+		 * holds nothing of the stream, every byte the shell was not handed yet goes there;
+		 * otherwise the shell keeps what it promised (a byte sent past a shell that still relays
+		 * would wait at the other far end, out of order, for the shell's backlog). */
+		ss->boundary = seq_before(e_other, e_shell) || seq_before(acked, f->dir[1].seq_hi) ?
+			       seq_max(e_shell, f->dir[1].seq_hi) : f->dir[1].seq_hi;
 		ss->handed = f->dir[1].seq_hi;
 		ss->ack_far = f->dir[1].ack_hi;
 		ss->edge_far = f->dir[1].edge_hi;
@@ -336,7 +351,7 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 			 * below what the shell advertised (those bytes still go to the shell) */
 			if (fo->dir[0].flags & FLOW_ACKED)
 				nack = seq_max(nack, fo->dir[0].ack_hi);
-			edge = seq_max(edge, st->side[o].boundary);
+			edge = drain_edge(edge, st->side[o].boundary, READ_ONCE32(st->side[s].ack_far) - sc->side[o].seq_delta);
 		}
 		nwin = clamp_win(edge, nack, sc->side[o].ws_shell);
 		wr32(scr->hdr, 8, nack);
@@ -463,7 +478,7 @@ __attribute__((noinline)) int stitch_from_shell(struct __sk_buff *skb, __u32 id,
 	} else {
 		seq_raise(&ss->ack_sent, nack);
 	}
-	edge = seq_max(ss->boundary, so->edge_far - d);
+	edge = drain_edge(so->edge_far - d, ss->boundary, READ_ONCE32(so->ack_far) - d);
 	wr32(scr->hdr, 8, nack);
 	wr16(scr->hdr, 14, clamp_win(edge, nack, sc->side[s].ws_shell));
 	if (p->ts_off && (sc->side[s].opts & SIDE_TS))
