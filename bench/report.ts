@@ -136,7 +136,7 @@ function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
   out.push({ figure: 'retransmission timeouts in loaded runs stitched mid-load (C + B)', measured: Number.isFinite(measured) ? `${rto} (same load on the shell path: ${rtoCtl}${fromStart})${stalls}` : 'n/a', target: '0', ...rv, value: measured,
     ...(rv.met === false && { why: (h.fromStartRuns && rto <= rtoFs
       ? 'no more than the same load has on the stitched path without a handover (stitched before the load): the load\'s own, at the stitched path\'s higher packet rate on two saturated vCPUs, which the shell path never reaches'
-      : `${h.fromStartRuns ? `${rto - rtoFs} more than the same load stitched before it started` : 'more than the same load without a stitch'}: caused by the handover. Packet captures at C (docs/handover.md, Open): a sender\'s cumulative ack cannot pass what the shell acknowledged until the shell has relayed its backlog, so a drain longer than the sender\'s RTO (200 ms) times it out with everything SACKed; and ACKs reordered by ≥ 2 ms across the veths\' per-CPU queues are dropped as PAWS-old`) +
+      : `${h.fromStartRuns ? `${rto - rtoFs} more than the same load stitched before it started` : 'more than the same load without a stitch'}: caused by the handover. One known way (docs/handover.md, Open): ACKs reordered by ≥ 2 ms across the veths\' per-CPU queues and dropped as PAWS-old; any others are not examined yet`) +
       (stalls ? `; a stalled connection retransmits into a dead path until the bench gives up on it` : '') }) });
   const ins = raw.installs;
   const single = ins?.single.perSecond ?? NaN;
