@@ -615,6 +615,21 @@ describe('bpf vectors', function () {
     });
   });
 
+  /** The start of a busy shell's connection (see "the handover" below): C sent client bytes 0..999,
+   *  the shell acked them all and relayed 400..999 to B after a 37-byte preamble (core bytes
+   *  0..636); B acked core byte 300 with window bWin<<10. Returns the pass-untouched check. */
+  const busyShell = (bWin: number) => {
+    t.reset();
+    w = new World(t, { ts: true, sack: true, ws: { c: 7, ac: 9, av: 8, b: 10 } });
+    w.handshakes();
+    const ok = (description: string, input: Buffer) => t.vector({ description, input, expectedOutput: input, expectedReturn: TC_ACT_OK });
+    ok('C data 0..999', w.c2a({ seq: w.sC(0), ack: w.sAc(0), flags: 'PA', payload: 1000, win: 100, options: w.ts(w.ts0.c + 2, w.ts0.ac) }));
+    ok('shell acks C', w.a2c({ seq: w.sAc(0), ack: w.sC(1000), win: 200, options: w.ts(w.ts0.ac + 2, w.ts0.c + 2) }));
+    ok('shell preamble + relay to B', w.a2b({ seq: w.sAv(0), ack: w.sB(0), flags: 'PA', payload: 637, win: 100, options: w.ts(w.ts0.av + 3, w.ts0.b) }));
+    ok(`B acks 300, window ${bWin}<<10`, w.b2a({ seq: w.sB(0), ack: w.sAv(300), win: bWin, options: w.ts(w.ts0.b + 3, w.ts0.av + 3) }));
+    return ok;
+  };
+
   describe('draining: the handover (switch at once)', () => {
     // Before the stitch (a busy shell): C sent client bytes 0..999 (the shell acked all, window
     // 200<<9); the shell relayed 400..999 to B after a 37-byte preamble (core bytes 0..636); B acked
@@ -626,14 +641,7 @@ describe('bpf vectors', function () {
     const edgeB = 311 + (100 << 8), edgeC = 1000 + (200 << 9); // B's and C's boundaries
     before(function () {
       if (!t.obj) this.skip();
-      t.reset();
-      w = new World(t, { ts: true, sack: true, ws: { c: 7, ac: 9, av: 8, b: 10 } });
-      w.handshakes();
-      const ok = (description: string, input: Buffer) => t.vector({ description, input, expectedOutput: input, expectedReturn: TC_ACT_OK });
-      ok('C data 0..999', w.c2a({ seq: w.sC(0), ack: w.sAc(0), flags: 'PA', payload: 1000, win: 100, options: w.ts(w.ts0.c + 2, w.ts0.ac) }));
-      ok('shell acks C', w.a2c({ seq: w.sAc(0), ack: w.sC(1000), win: 200, options: w.ts(w.ts0.ac + 2, w.ts0.c + 2) }));
-      ok('shell preamble + relay to B', w.a2b({ seq: w.sAv(0), ack: w.sB(0), flags: 'PA', payload: 637, win: 100, options: w.ts(w.ts0.av + 3, w.ts0.b) }));
-      ok('B acks 300', w.b2a({ seq: w.sB(0), ack: w.sAv(300), win: 30, options: w.ts(w.ts0.b + 3, w.ts0.av + 3) }));
+      const ok = busyShell(30);
       ok('B answer + data 0..310', w.b2a({ seq: w.sB(0), ack: w.sAv(300), flags: 'PA', payload: 311, win: 30, options: w.ts(w.ts0.b + 4, w.ts0.av + 3) }));
       ok('shell acks B', w.a2b({ seq: w.sAv(637), ack: w.sB(311), win: 100, options: w.ts(w.ts0.av + 4, w.ts0.b + 4) }));
       ok('shell data to C 0..499', w.a2c({ seq: w.sAc(0), ack: w.sC(1000), flags: 'PA', payload: 500, win: 200, options: w.ts(w.ts0.ac + 4, w.ts0.c + 2) }));
@@ -902,14 +910,7 @@ describe('bpf vectors', function () {
     // now would wait at B, out of order, for the shell's backlog.
     before(function () {
       if (!t.obj) this.skip();
-      t.reset();
-      w = new World(t, { ts: true, sack: true, ws: { c: 7, ac: 9, av: 8, b: 10 } });
-      w.handshakes();
-      const ok = (description: string, input: Buffer) => t.vector({ description, input, expectedOutput: input, expectedReturn: TC_ACT_OK });
-      ok('C data 0..999', w.c2a({ seq: w.sC(0), ack: w.sAc(0), flags: 'PA', payload: 1000, win: 100, options: w.ts(w.ts0.c + 2, w.ts0.ac) }));
-      ok('shell acks C', w.a2c({ seq: w.sAc(0), ack: w.sC(1000), win: 200, options: w.ts(w.ts0.ac + 2, w.ts0.c + 2) }));
-      ok('shell preamble + relay to B', w.a2b({ seq: w.sAv(0), ack: w.sB(0), flags: 'PA', payload: 637, win: 100, options: w.ts(w.ts0.av + 3, w.ts0.b) }));
-      ok('B acks 300, window 200<<10', w.b2a({ seq: w.sB(0), ack: w.sAv(300), win: 200, options: w.ts(w.ts0.b + 3, w.ts0.av + 3) }));
+      busyShell(200);
       w.shellSent('b', w.ts0.av + 3);
       w.shellSent('c', w.ts0.ac + 2);
       w.captureBases();
