@@ -505,8 +505,8 @@ export class StitchMaps {
 
   /**
    * Installs several stitches with one batched bpf(2) call per map for all of them (states, legs,
-   * commit entries, in that order, so the commit-key pattern holds for each): a STITCH_MANY costs
-   * three map writes instead of four per stitch. Returns, per spec, its Installed or the error that
+   * commit entries, in that order, so the commit-key pattern holds for each): a STITCH_MANY of ten
+   * costs three map writes instead of forty. Returns, per spec, its Installed or the error that
    * refused it. A failed batch is retried one stitch at a time, so one bad stitch does not refuse the
    * others.
    */
