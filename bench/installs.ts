@@ -2,7 +2,7 @@
 // the topology's bpffs, not attached anywhere), with fake tracked flows in its `flows` map (both
 // handshakes seen) for 4096 stitches (the table size):
 //  - single:  StitchMaps.install, as the switch daemon does it: two flow lookups, the translation,
-//             four map updates (state, two legs, commit entry), one bpf(2) call each;
+//             three map writes (state, both legs in one batch, commit entry), one bpf(2) call each;
 //  - batched: the same entries written 256 installs at a time with one mapUpdateBatch per map
 //             (state, legs, commit entries, in that order, so the commit-key pattern holds per batch);
 //  - control protocol: stitch() calls over UDP on 127.0.0.1 (HMAC-authenticated, 256 in flight: as
