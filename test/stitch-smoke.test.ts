@@ -116,6 +116,8 @@ describe('stitch smoke (namespaces, eBPF datapath)', function () {
     ]);
     const before = await counters(b.relay);
     await b.driver.request({ op: 'install', spec: b.spec });
+    // The same id again is refused, and the stitch installed first carries on (checked below).
+    await assert.rejects(b.driver.request({ op: 'install', spec: b.spec }), /stitch 1 is already installed/);
     b.client.line('go');
     b.server.line('go');
     const stitched = await waitStitched(topo, b);
