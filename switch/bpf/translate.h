@@ -348,7 +348,8 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 		edge = nack + ((__u32)p->win << (sc->side[s].ws_far & 15));
 		if (draining && fo) {
 			/* acks never below what the shell already acknowledged to far o; the edge never
-			 * below what the shell advertised (those bytes still go to the shell) */
+			 * below what the shell advertised (those bytes still go to the shell), and not past
+			 * it until far s has acknowledged up to it (drain_edge) */
 			if (fo->dir[0].flags & FLOW_ACKED)
 				nack = seq_max(nack, fo->dir[0].ack_hi);
 			edge = drain_edge(edge, st->side[o].boundary, READ_ONCE32(st->side[s].ack_far) - sc->side[o].seq_delta);
