@@ -62,7 +62,10 @@ export function summarize(raw: Raw) {
   const hs = raw.handover.filter((r) => r.stitched && r.stitch);
   const hc = raw.handover.filter((r) => !r.stitched && r.c['Tcp.RetransSegs'] !== undefined);
   const hf = raw.handover.filter((r) => r.fromStart && r.c['Tcp.RetransSegs'] !== undefined);
-  const shellMs = hs.flatMap((r) => r.stitch!.shellMs), dpMs = hs.flatMap((r) => r.stitch!.datapathMs);
+  // A stitch that never reached phase 3 (its connection ended while it drained) counts at the
+  // duration of its request, a lower bound: leaving it out would flatter the p99.
+  const shellMs = hs.flatMap((r) => [...r.stitch!.shellMs, ...Array<number>(Math.max(0, r.stitch!.ok - r.stitch!.shellMs.length)).fill(r.stitch!.callMs)]);
+  const dpMs = hs.flatMap((r) => r.stitch!.datapathMs);
   const views = hs.flatMap((r) => r.stitch!.datapath);
   const dp = {
     read: views.length, program: views.filter((v) => v.phase === 'stitched').length,
@@ -73,6 +76,7 @@ export function summarize(raw: Raw) {
   const tot = (rs: HandoverRun[], k: 'Tcp.RetransSegs' | 'TcpExt.TCPTimeouts', h: 'c' | 'b') => sum(rs.map((r) => r[h][k] ?? 0));
   const handover = {
     stitches: shellMs.length, attempted: sum(hs.map((r) => r.conns)), ok: sum(hs.map((r) => r.stitch!.ok)),
+    neverPhase3: sum(hs.map((r) => Math.max(0, r.stitch!.ok - r.stitch!.shellMs.length))),
     shellP50: quantile(shellMs, 0.5), shellP99: quantile(shellMs, 0.99), shellMax: Math.max(...shellMs),
     toInstalledP50: quantile(hs.flatMap((r) => r.stitch!.shellToInstalledMs), 0.5),
     toSwitchP50: quantile(hs.flatMap((r) => r.stitch!.shellToSwitchMs), 0.5),
@@ -121,7 +125,7 @@ function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
     ...(cv.met === false && { why: `the shell still spent ${f(s.cpu.phase3CpuS, 2)} CPU-s over ${f(s.cpu.phase3GiB, 1)} GiB stitched (timers of the agent and the shell; /proc/PID/stat has 10 ms resolution)` }) });
   const h = s.handover;
   const hv = verdict(h.shellP99, 2, 'lower', ' ms', 0, true);
-  out.push({ figure: 'handover p99, decision → phase 3 (shell log)', measured: `${f(h.shellP99, 0)} ms (p50 ${f(h.shellP50, 0)} ms, ${h.stitches} stitches)`, target: '< 2 ms', ...hv, value: h.shellP99,
+  out.push({ figure: 'handover p99, decision → phase 3 (shell log)', measured: `${f(h.shellP99, 0)} ms (p50 ${f(h.shellP50, 0)} ms, ${h.stitches} stitches${h.neverPhase3 ? `; ${h.neverPhase3} never reached phase 3, counted at its request's duration` : ''})`, target: '< 2 ms', ...hv, value: h.shellP99,
     ...(hv.met === false && { why: `decision → installed at the switch p50 ${f(h.toSwitchP50, 0)} ms, → answer seen by the agent p50 ${f(h.toInstalledP50, 0)} ms ` +
       `(${raw.settings.handoverConns} requests at once from a shell whose event loop relays as many loaded connections); ` +
       `the drain itself (first packet → stitched) p50 ${f(h.dpP50, 0)} / p99 ${f(h.dpP99, 0)} ms in the datapath; then the switch's 10 ms state poll and the NOTIFY` }) });
@@ -203,7 +207,8 @@ export function render(raw: Raw): { md: string; json: unknown } {
     '(test/fixtures/load-client.ts → shell → core → echo-backend.ts), stitched with one `stitch --all` request once each moved 1 MiB each way (mid-load) ' +
     'or while all were idle before the load began (`load-client.ts --wait`: the stitched path\'s own retransmissions, without a handover).', '',
     `- stitched: ${h.ok}/${h.attempted} connections; every transfer byte-exact at C: ${h.exact}`,
-    `- decision → phase 3 at the shell (log timestamps, 1 ms resolution): p50 ${f(h.shellP50, 0)} ms, p99 ${f(h.shellP99, 0)} ms, max ${f(h.shellMax, 0)} ms; ` +
+    `- decision → phase 3 at the shell (log timestamps, 1 ms resolution): p50 ${f(h.shellP50, 0)} ms, p99 ${f(h.shellP99, 0)} ms, max ${f(h.shellMax, 0)} ms` +
+      `${h.neverPhase3 ? ` (${h.neverPhase3} of ${h.stitches} never reached phase 3: the datapath still showed them draining when their connection ended and the request returned; counted at the request's duration, a lower bound)` : ''}; ` +
       `of which decision → installed at the switch (its log): p50 ${f(h.toSwitchP50, 0)} ms, decision → answer seen by the agent: p50 ${f(h.toInstalledP50, 0)} ms`,
     `- datapath (the switch's pinned stitch_state/stitch_cfg entries, watched every 10 ms until the request returned): of ${h.dp.read} stitches, ${h.dp.program} switched to stitched by the program on a packet ` +
       `(first packet after the commit → stitched: p50 ${f(h.dpP50)} ms, p99 ${f(h.dpP99)} ms, max ${f(h.dpMax)} ms); ${h.dp.forcedIdle} marked stitched by the daemon because no packet came ` +
