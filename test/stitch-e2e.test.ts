@@ -265,7 +265,7 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
     const afterBps = after.reduce((a, i) => a + i.sum.bits_per_second, 0) / after.length;
     const beforeBps = run.intervals.filter((i) => i.sum.end <= stitchedAt - 0.5).map((i) => i.sum.bits_per_second);
     const ratio = afterBps / routed.end.sum_received.bits_per_second;
-    console.log(`      routed ${(routed.end.sum_received.bits_per_second / 1e9).toFixed(2)} Gbit/s; through the shell before the stitch ${beforeBps.map((x) => (x / 1e9).toFixed(2)).join(', ')} Gbit/s; ` +
+    console.log(`      routed ${(routed.end.sum_received.bits_per_second / 1e9).toFixed(2)} Gbit/s; through the shell before the stitch ${beforeBps.length ? `${beforeBps.map((x) => (x / 1e9).toFixed(2)).join(', ')} Gbit/s` : '(no whole second of it)'}; ` +
       `stitched ${(afterBps / 1e9).toFixed(2)} Gbit/s = ${ratio.toFixed(2)}x routed (stitched at ${stitchedAt.toFixed(1)} s); ` +
       `rtt/cwnd routed ${routed.intervals.map((i) => `${i.streams[0]?.rtt}/${i.streams[0]?.snd_cwnd}`).join(' ')}, through the shell ${run.intervals.map((i) => `${i.streams[0]?.rtt}/${i.streams[0]?.snd_cwnd}/${i.streams[0]?.retransmits}`).join(' ')}`);
     assert.ok(run.end.sum_received.bytes > 0, 'iperf3 completed');
