@@ -3,8 +3,8 @@
 // handshakes seen) for 4096 stitches (the table size):
 //  - single:  StitchMaps.install, as the switch daemon does it: two flow lookups, the translation,
 //             three map writes (state, both legs in one batch, commit entry), one bpf(2) call each;
-//  - batched: the same entries written 256 installs at a time with one mapUpdateBatch per map
-//             (state, legs, commit entries, in that order, so the commit-key pattern holds per batch);
+//  - batched: StitchMaps.installMany, 256 installs at a time: one mapUpdateBatch per map (state,
+//             legs, commit entries, in that order, so the commit-key pattern holds per batch);
 //  - control protocol: stitch() calls over UDP on 127.0.0.1 (HMAC-authenticated, 256 in flight: as
 //             many as the agent has in flight for `stitch --all`; the client sends the calls of one
 //             event-loop turn as STITCH_MANY, ten per datagram) from the agent's control client (in
@@ -15,12 +15,9 @@
 import winston from 'winston';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import {
-  FLOW_DIR_SIZE, FLOW_SYN, FLOW_VAL_SIZE, LEG_VAL_SIZE, MAX_STITCHES, SIDE_CLIENT, SIDE_CORE, STITCH_CFG_SIZE, STITCH_STATE_SIZE,
-  decodeFlowVal, encodeFlowKey, encodeLegVal, encodeStitchCfg, encodeStitchStateInit, u32Key,
-} from '../switch/bpf/layout.ts';
+import { FLOW_DIR_SIZE, FLOW_SYN, FLOW_VAL_SIZE, MAX_STITCHES, encodeFlowKey, u32Key } from '../switch/bpf/layout.ts';
 import { createSwitchControl } from '../switch/control-server.ts';
-import { StitchMaps, clientLegKey, computeStitchCfg, coreLegKey, openStitchObject } from '../switch/datapath.ts';
+import { StitchMaps, clientLegKey, coreLegKey, openStitchObject } from '../switch/datapath.ts';
 import { ALL_TRANSLATIONS, generateKey, type Datapath, type StitchLegs, type StitchSpec } from '../switch/index.ts';
 import * as native from '../switch/native/index.ts';
 import { nodeCommand } from '../test/hosts.ts';
@@ -99,23 +96,12 @@ export async function measureInstalls(bpffs: string, rounds = 5): Promise<Instal
     }
     const single = { perSecond: (rounds * n) / (ns / 1e9), p50Us: quantile(lat, 0.5), p99Us: quantile(lat, 0.99), rounds };
 
-    // Batched: lookups and translation per stitch, then one batch call per map.
+    // Batched: StitchMaps.installMany (a STITCH_MANY's path) on chunks of B: lookups and translation
+    // per stitch, then one batch call per map.
     const B = 256;
     const batchOnce = (chunk: StitchSpec[]) => {
-      const ids: Buffer[] = [], states: Buffer[] = [], legKeys: Buffer[] = [], legVals: Buffer[] = [], cfgs: Buffer[] = [];
-      for (const s of chunk) {
-        const ck = encodeFlowKey(clientLegKey(s)), kk = encodeFlowKey(coreLegKey(s));
-        const c = native.mapLookup(obj.maps.flows, ck, FLOW_VAL_SIZE), k = native.mapLookup(obj.maps.flows, kk, FLOW_VAL_SIZE);
-        if (!c || !k) throw new Error('fake flow missing');
-        const cfg = computeStitchCfg(s, decodeFlowVal(c), decodeFlowVal(k), 1, 0);
-        ids.push(u32Key(s.id)); states.push(encodeStitchStateInit(s.id, 1));
-        legKeys.push(ck, kk); legVals.push(encodeLegVal({ id: s.id, gen: 1, side: SIDE_CLIENT }), encodeLegVal({ id: s.id, gen: 1, side: SIDE_CORE }));
-        cfgs.push(encodeStitchCfg(cfg));
-      }
-      const idBuf = Buffer.concat(ids);
-      native.mapUpdateBatch(obj.maps.stitch_state, idBuf, Buffer.concat(states, chunk.length * STITCH_STATE_SIZE), chunk.length);
-      native.mapUpdateBatch(obj.maps.legs, Buffer.concat(legKeys), Buffer.concat(legVals, 2 * chunk.length * LEG_VAL_SIZE), 2 * chunk.length);
-      native.mapUpdateBatch(obj.maps.stitch_cfg, idBuf, Buffer.concat(cfgs, chunk.length * STITCH_CFG_SIZE), chunk.length);
+      const failed = maps.installMany(chunk, { drain: true }).find((r) => r instanceof Error);
+      if (failed) throw failed;
     };
     batchOnce(specs.slice(0, B));
     deleteAll(obj.maps, specs.slice(0, B));
