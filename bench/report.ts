@@ -64,7 +64,8 @@ export function summarize(raw: Raw) {
   const hf = raw.handover.filter((r) => r.fromStart && r.c['Tcp.RetransSegs'] !== undefined);
   // A stitch that never reached phase 3 (its connection ended while it drained) counts at the
   // duration of its request, a lower bound: leaving it out would flatter the p99.
-  const shellMs = hs.flatMap((r) => [...r.stitch!.shellMs, ...Array<number>(Math.max(0, r.stitch!.ok - r.stitch!.shellMs.length)).fill(r.stitch!.callMs)]);
+  const neverPhase3 = (r: HandoverRun) => Math.max(0, r.stitch!.ok - r.stitch!.shellMs.length);
+  const shellMs = hs.flatMap((r) => [...r.stitch!.shellMs, ...Array<number>(neverPhase3(r)).fill(r.stitch!.callMs)]);
   const dpMs = hs.flatMap((r) => r.stitch!.datapathMs);
   const views = hs.flatMap((r) => r.stitch!.datapath);
   const dp = {
@@ -76,7 +77,7 @@ export function summarize(raw: Raw) {
   const tot = (rs: HandoverRun[], k: 'Tcp.RetransSegs' | 'TcpExt.TCPTimeouts', h: 'c' | 'b') => sum(rs.map((r) => r[h][k] ?? 0));
   const handover = {
     stitches: shellMs.length, attempted: sum(hs.map((r) => r.conns)), ok: sum(hs.map((r) => r.stitch!.ok)),
-    neverPhase3: sum(hs.map((r) => Math.max(0, r.stitch!.ok - r.stitch!.shellMs.length))),
+    neverPhase3: sum(hs.map(neverPhase3)),
     shellP50: quantile(shellMs, 0.5), shellP99: quantile(shellMs, 0.99), shellMax: Math.max(...shellMs),
     toInstalledP50: quantile(hs.flatMap((r) => r.stitch!.shellToInstalledMs), 0.5),
     toSwitchP50: quantile(hs.flatMap((r) => r.stitch!.shellToSwitchMs), 0.5),
