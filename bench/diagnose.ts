@@ -1,5 +1,5 @@
 // Why a drain did not complete, from the switch's own log: its 'drain slow' warning carries the
-// program's per-stream drain state, its 'stitch installed' line the sequence deltas. The drain
+// program's per-stream drain state and the stitch's sequence deltas. The drain
 // condition (docs/handover.md, rule 8; translate.h drain_check), per stream s of far end s:
 //   the other far end acknowledged everything the shell was handed:   ackFar(o) - d(s) >= handed(s)
 //   the other far end's window covers the shell's advertised edge:    edgeFar(o) - d(s) >= boundary(s)
@@ -10,16 +10,13 @@ const signed = (x: number) => (x | 0);
 
 /** One line per stuck stitch: which half of the condition fails for which stream, by how many bytes. */
 export function drainDiagnosis(switchLogs: string[]): string[] {
-  const deltas = new Map<number, [number, number]>();
   const out: string[] = [];
   for (const l of switchLogs) {
-    if (!l.includes('"stitch installed"') && !l.includes('drain slow: still draining')) continue;
+    if (!l.includes('drain slow: still draining')) continue;
     let o: { id?: number; seqDelta?: [number, number]; client?: Side; core?: Side; message?: string };
     try { o = JSON.parse(l); } catch { continue; }
-    if (o.seqDelta && o.id !== undefined) deltas.set(o.id, o.seqDelta);
-    if (!o.message?.startsWith('drain slow: still draining') || !o.client || !o.core || o.id === undefined) continue;
-    const d = deltas.get(o.id);
-    if (!d) continue;
+    const d = o.seqDelta;
+    if (!o.message?.startsWith('drain slow: still draining') || !o.client || !o.core || o.id === undefined || !d) continue;
     const sides = [o.client, o.core];
     const why: string[] = [];
     for (const s of [0, 1]) {

@@ -131,9 +131,9 @@ function shellHandover(lines: string[], switchLines: string[], ids: Set<string>)
   }
   const atSwitch = new Map<number, number>();
   for (const l of switchLines) {
-    if (!l.includes('"stitch installed"') || !l.includes('"switch-control"')) continue;
-    const o = JSON.parse(l) as { id: number; timestamp: string };
-    atSwitch.set(o.id, Date.parse(o.timestamp));
+    if (!/"stitch(es)? installed"/.test(l) || !l.includes('"switch-control"')) continue;
+    const o = JSON.parse(l) as { id?: number; stitches?: Array<{ id: number }>; timestamp: string };
+    for (const { id } of o.stitches ?? [{ id: o.id! }]) atSwitch.set(id, Date.parse(o.timestamp));
   }
   const done = [...at.values()].filter((e) => e.stitching !== undefined && e.stitched !== undefined);
   return {

@@ -10,10 +10,13 @@
 //             event-loop turn as STITCH_MANY, ten per datagram) from the agent's control client (in
 //             a process of its own, bench/control-load.ts) to the switch's control server here,
 //             whose datapath installs each datagram's stitches with StitchMaps.installMany into the
-//             same maps. A warm-up round (all installed, all removed), then three measured: the
-//             median, and the warm-up's own rate (a daemon's first burst after it started).
+//             same maps. Measured first, before this process has run the install code. The agent
+//             warms up against a switch of its own, as a shell that has been running; then a first
+//             round (all installed, all removed: a switch's first burst after it started), then
+//             three more, whose median is the rate.
 import winston from 'winston';
 import { execFile } from 'node:child_process';
+import { createWriteStream } from 'node:fs';
 import { promisify } from 'node:util';
 import { FLOW_DIR_SIZE, FLOW_SYN, FLOW_VAL_SIZE, MAX_STITCHES, encodeFlowKey, u32Key } from '../switch/bpf/layout.ts';
 import { createSwitchControl } from '../switch/control-server.ts';
@@ -35,7 +38,6 @@ export interface InstallRates {
   } | { error: string };
 }
 
-const silent = winston.createLogger({ silent: true, transports: [new winston.transports.Console({ silent: true })] });
 
 /** The legs of stitch i (bench/control-load.ts sends the same). */
 export function legs(i: number, shell: string): StitchLegs {
@@ -79,6 +81,14 @@ export async function measureInstalls(bpffs: string, rounds = 5): Promise<Instal
       }
     }
 
+    // First, while this process has not run the install code yet: a switch that just started.
+    let control: InstallRates['control'];
+    try {
+      control = await throughControl(maps);
+    } catch (e) {
+      control = { error: (e as Error).message };
+    }
+
     // Single installs, one bpf(2) call per map update.
     for (const s of specs.slice(0, 512)) maps.install(s, { drain: true }); // warm-up
     deleteAll(obj.maps, specs.slice(0, 512));
@@ -116,12 +126,6 @@ export async function measureInstalls(bpffs: string, rounds = 5): Promise<Instal
     }
     const batched = { perSecond: (rounds * n) / (bns / 1e9), batch: B, rounds };
 
-    let control: InstallRates['control'];
-    try {
-      control = await throughControl(maps);
-    } catch (e) {
-      control = { error: (e as Error).message };
-    }
     return { stitches: n, single, batched, control };
   } finally {
     await obj.close();
@@ -148,8 +152,14 @@ async function throughControl(maps: StitchMaps): Promise<InstallRates['control']
     async close() { /* the maps are the caller's */ },
   };
   const key = generateKey();
+  // The daemon's own log lines (sdk/log.ts: JSON at info), written to /dev/null: part of its cost.
+  const devNull = createWriteStream('/dev/null');
+  const daemonLog = winston.createLogger({
+    level: 'info', format: winston.format.combine(winston.format.timestamp(), winston.format.errors({ stack: true }), winston.format.json()),
+    transports: [new winston.transports.Stream({ stream: devNull })],
+  });
   const sw = createSwitchControl({
-    shellAddress: '127.0.0.1', keys: [key], datapath, port: 0, logger: silent,
+    shellAddress: '127.0.0.1', keys: [key], datapath, port: 0, logger: daemonLog,
     rateLimit: { perSecond: 1_000_000, burst: 1_000_000 },
   });
   const { port } = await sw.start();
@@ -161,6 +171,7 @@ async function throughControl(maps: StitchMaps): Promise<InstallRates['control']
     return JSON.parse(r.stdout.trim().split('\n').at(-1)!) as InstallRates['control'];
   } finally {
     await sw.close();
+    devNull.end();
     for (const i of installed.values()) maps.remove(i);
   }
 }

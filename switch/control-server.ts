@@ -485,7 +485,15 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
     if (fresh.length > 0) {
       const errors = await this.install(fresh.map((f) => f.entry.spec));
       installed();
-      fresh.forEach(({ i, entry }, k) => { out[i] = this.installedStitch(m, entry, errors[k], src); });
+      const done: Array<{ id: number; state: string }> = [];
+      fresh.forEach(({ i, entry }, k) => {
+        out[i] = this.installedStitch(m, entry, errors[k], src);
+        const st = (out[i] as StitchResponse).stitch;
+        if (st) done.push({ id: st.id, state: st.state });
+      });
+      // One line per request, not per stitch: a burst of STITCH_MANYs installs thousands a second.
+      if (done.length === 1) this.log.info('stitch installed', { ...done[0], owner });
+      else if (done.length > 1) this.log.info('stitches installed', { owner, stitches: done });
     }
     for (const w of waiting) {
       await w.installing;
@@ -533,7 +541,6 @@ class SwitchControlImpl extends EventEmitter<SwitchControlEvents> implements Swi
       this.immediates.add(t);
     }
     const state = this.datapath.status(spec.id)?.state ?? 'stitched';
-    this.log.info('stitch installed', { id: spec.id, owner: entry.owner, state });
     return { ...this.responseBase(m, 'SUCCESS'), opcode: 'stitch', stitch: { id: spec.id, state, existing: false } };
   }
 

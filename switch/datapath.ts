@@ -833,7 +833,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
         // A drain this long means one of its conditions (docs/handover.md rule 8) does not come true.
         inst.slowLogged = true;
         const side = (x: StitchStateVal['side'][number]) => ({ boundary: x.boundary, handed: x.handed, ackFar: x.ackFar, edgeFar: x.edgeFar, ackSent: x.ackSent, ackToShell: x.ackToShell, edgeToShell: x.edgeToShell, clones: Number(x.clones), shellPassed: Number(x.shellPassed), shellDropped: Number(x.shellDropped) });
-        log.warn('drain slow: still draining 2 s after the first packet', { id, drainOkNs: String(st.drainOkNs), client: side(st.side[SIDE_CLIENT]), core: side(st.side[SIDE_CORE]) });
+        log.warn('drain slow: still draining 2 s after the first packet', { id, drainOkNs: String(st.drainOkNs), seqDelta: inst.cfg.side.map((x) => x.seqDelta), client: side(st.side[SIDE_CLIENT]), core: side(st.side[SIDE_CORE]) });
       }
       // Idle connections: the program only acts on packets, so the hold of the drain condition is
       // confirmed here once it has lasted two polls, and the program told to silence the shell.
@@ -892,7 +892,9 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
         const r = refused[i] ?? done[k++]!;
         if (r instanceof Error) return r;
         installed.set(spec.id, { ...r, installedAt: now });
-        log.info('stitch installed', { id: spec.id, gen: r.gen, drain, seqDelta: r.cfg.side.map((s) => s.seqDelta), wscale: r.cfg.side.map((s) => [s.wsFar, s.wsShell]) });
+        // The control server logs each install at info; one line per stitch is what a burst of
+        // ten thousand a second can afford (winston's JSON costs about a tenth of an install).
+        log.debug('stitch installed in the datapath', { id: spec.id, gen: r.gen, drain, seqDelta: r.cfg.side.map((s) => s.seqDelta), wscale: r.cfg.side.map((s) => [s.wsFar, s.wsShell]) });
         return undefined;
       });
       schedule();
