@@ -25,7 +25,7 @@ import { ClosedError, DatapathError, InvalidArgumentError } from '../sdk/errors.
 import { componentLogger, type Logger } from '../sdk/log.ts';
 import {
   FLOW_KEY_SIZE, FLOW_SACK_OK, FLOW_SYN, FLOW_TS_OK, FLOW_VAL_SIZE, FLOW_WS_OK, GLOBAL_CFG_SIZE, LEG_VAL_SIZE,
-  MAP_NAMES, MAX_STITCHES, PHASE_FAILED, PHASE_INSTALLED, PHASE_STITCHED, SIDE_CLIENT, SIDE_CORE, SIDE_SACK, SIDE_TS, STATS,
+  MAP_NAMES, MAX_STITCHES, PHASE_DRAINING, PHASE_FAILED, PHASE_INSTALLED, PHASE_STITCHED, SIDE_CLIENT, SIDE_CORE, SIDE_SACK, SIDE_TS, STATS,
   STATS_COUNT, STITCH_CFG_SIZE, STITCH_FORCE_STITCHED, STITCH_START_STITCHED, STITCH_STATE_SIZE, TERM_FIN,
   TERM_FIN_ACKED, TERM_RST, decodeFlowVal, decodeLegVal, decodeStitchCfg, decodeStitchState, encodeFlowKey,
   encodeGlobalCfg, encodeLegVal, encodeStitchCfg, encodeStitchStateInit, u32Key,
@@ -71,6 +71,9 @@ export interface EbpfDatapathOptions {
   objectPath?: string;
   /** State poll period; default 10 ms. */
   pollIntervalMs?: number;
+  /** A drain whose shell holds nothing and that saw no packet for this long is finished (rule 11,
+   *  docs/handover.md); default QUIET_DRAIN_MS. */
+  quietDrainMs?: number;
   /** false: skip the handover drain (the shell is known to hold nothing). Default true. */
   drain?: boolean;
   /** skb->mark tagging clones for the shell; default DEFAULT_CLONE_MARK. */
@@ -456,6 +459,24 @@ const seqBefore = (a: number, b: number) => ((a - b) | 0) < 0;
  * snapshot would hold. True when, for both streams, the other far end acknowledged everything the
  * shell was handed: the shell holds nothing. The window half is not asked (docs/handover.md, rule 9).
  */
+/**
+ * Rule 11: a drain gone quiet. Far ends' packets past the boundary bypass the shell, and those below
+ * it are the shell's, so a drain whose window half (rule 8) never holds would wait on the shell for
+ * as long as the connection lives. Once the other far end has acknowledged everything the shell was
+ * handed, in both streams, and no far end has sent a packet for this long, the senders have
+ * nothing outstanding and, idle longer than their RTO, restart from a small congestion window.
+ */
+export const QUIET_DRAIN_MS = 1000;
+
+/** The first half of rule 8 on the program's drain state: the shell holds nothing of either stream. */
+function shellHoldsNothing(inst: Installed, st: StitchStateVal): boolean {
+  for (const s of [0, 1] as const) {
+    const ackedThere = (st.side[s ^ 1].ackFar - inst.cfg.side[s].seqDelta) >>> 0;
+    if (seqBefore(ackedThere, st.side[s].handed)) return false;
+  }
+  return true;
+}
+
 function idleDrained(inst: Installed, maps: StitchMaps): boolean {
   const f = [maps.flow(clientLegKey(inst.spec)), maps.flow(coreLegKey(inst.spec))];
   if (!f[0] || !f[1]) return false;
@@ -679,6 +700,7 @@ function checkOptions(o: EbpfDatapathOptions): void {
   if (o.dropPerMillion !== undefined && (!Number.isInteger(o.dropPerMillion) || o.dropPerMillion < 0 || o.dropPerMillion > 1_000_000)) throw new InvalidArgumentError(`dropPerMillion must be an integer 0..1000000 (got ${o.dropPerMillion})`);
   if (o.shellAddresses !== undefined && (!Array.isArray(o.shellAddresses) || o.shellAddresses.length === 0 || o.shellAddresses.length > 4)) throw new InvalidArgumentError('shellAddresses must list 1 to 4 addresses or prefixes; leave it out to use the prefixes of shellIface');
   if (o.pollIntervalMs !== undefined && (!Number.isFinite(o.pollIntervalMs) || o.pollIntervalMs < 1)) throw new InvalidArgumentError('pollIntervalMs must be >= 1');
+  if (o.quietDrainMs !== undefined && (!Number.isFinite(o.quietDrainMs) || o.quietDrainMs < 1)) throw new InvalidArgumentError('quietDrainMs must be >= 1');
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -799,6 +821,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
   }
   const listeners: Array<(s: StitchStatus) => void> = [];
   const drain = options.drain ?? true;
+  const quietNs = BigInt(options.quietDrainMs ?? QUIET_DRAIN_MS) * 1_000_000n;
   let closed = false;
   let timer: NodeJS.Timeout | undefined;
 
@@ -834,6 +857,11 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
         inst.slowLogged = true;
         const side = (x: StitchStateVal['side'][number]) => ({ boundary: x.boundary, handed: x.handed, ackFar: x.ackFar, edgeFar: x.edgeFar, ackSent: x.ackSent, ackToShell: x.ackToShell, edgeToShell: x.edgeToShell, clones: Number(x.clones), shellPassed: Number(x.shellPassed), shellDropped: Number(x.shellDropped) });
         log.warn('drain slow: still draining 2 s after the first packet', { id, drainOkNs: String(st.drainOkNs), seqDelta: inst.cfg.side.map((x) => x.seqDelta), client: side(st.side[SIDE_CLIENT]), core: side(st.side[SIDE_CORE]) });
+      }
+      if (st.phase === PHASE_DRAINING && !(inst.cfg.flags & STITCH_FORCE_STITCHED) && st.drainOkNs === 0n &&
+          now - st.lastNs >= quietNs && shellHoldsNothing(inst, st)) {
+        log.info('drain gone quiet: stitched without the window half (docs/handover.md, rule 11)', { id, quietMs: Number((now - st.lastNs) / 1_000_000n) });
+        try { maps.setFlags(inst, STITCH_FORCE_STITCHED); } catch (e) { log.warn('force-stitched update failed', { id, err: e }); }
       }
       // Idle connections: the program only acts on packets, so the hold of the drain condition is
       // confirmed here once it has lasted two polls, and the program told to silence the shell.

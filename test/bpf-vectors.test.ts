@@ -20,7 +20,7 @@ import {
   SIDE_CLIENT, SIDE_CORE, TERM_FIN, TERM_FIN_ACKED, TERM_RST, FLOW_DIR_SIZE, FLOW_KEY_SIZE, FLOW_VAL_SIZE, MAX_STITCHES,
   STITCH_CFG_SIZE, STITCH_STATE_SIZE, decodeStitchState, encodeFlowKey, u32Key, type FlowVal, type GlobalCfg,
 } from '../switch/bpf/layout.ts';
-import { DEFAULT_CLONE_MARK, STITCH_OBJECT, StitchMaps, clientLegKey, coreLegKey, openStitchObject, statusOf, type StitchObject } from '../switch/datapath.ts';
+import { DEFAULT_CLONE_MARK, STITCH_OBJECT, StitchMaps, clientLegKey, coreLegKey, createEbpfDatapath, openStitchObject, statusOf, type StitchObject } from '../switch/datapath.ts';
 import { mapDelete, mapNextKey, mapUpdate, progTestRun } from '../switch/native/index.ts';
 import type { StitchSpec } from '../switch/stitch-types.ts';
 import { buildIcmp, buildPacket, encodeOptions, icmpChecksumsOk, parsePacket, quoteOf, requote, u32, type PacketSpec, type TcpOptions } from './fixtures/bpf/packets.ts';
@@ -238,6 +238,14 @@ describe('statusOf (the switch\'s view of a stitch state entry)', () => {
     const fins = (TERM_FIN | TERM_FIN_ACKED) * ((1 << SIDE_CLIENT) | (1 << SIDE_CORE));
     assert.deepEqual([statusOf(1, state(PHASE_STITCHED, fins | (TERM_RST << SIDE_CORE))).state, statusOf(1, state(PHASE_STITCHED, fins | (TERM_RST << SIDE_CORE))).reason], ['closed', 'fin']);
     assert.equal(statusOf(1, state(PHASE_STITCHED, (TERM_FIN << SIDE_CLIENT) | (TERM_RST << SIDE_CORE))).reason, 'core-rst', 'a RST before the end is a reset');
+  });
+});
+
+describe('createEbpfDatapath options', () => {
+  it('createEbpfDatapath - a poll period or quiet-drain time below 1 ms is refused by name, before anything is loaded', async () => {
+    await assert.rejects(createEbpfDatapath({ shellIface: 'lo', quietDrainMs: 0 }), /quietDrainMs must be >= 1/);
+    await assert.rejects(createEbpfDatapath({ shellIface: 'lo', quietDrainMs: Number.NaN }), /quietDrainMs must be >= 1/);
+    await assert.rejects(createEbpfDatapath({ shellIface: 'lo', pollIntervalMs: 0 }), /pollIntervalMs must be >= 1/);
   });
 });
 

@@ -23,10 +23,10 @@ interface Bed {
   expect: { atClient: string; atServer: string; clientBytes: number; serverBytes: number };
 }
 
-async function bed(topo: Topology, sizes: { first: number; total: number }, marks: number[]): Promise<Bed> {
+async function bed(topo: Topology, sizes: { first: number; total: number }, marks: number[], serverMarks: number[] = []): Promise<Bed> {
   const driver = spawnNode(topo.s, 'S driver', 'test/fixtures/bpf/stitch-driver.ts', [JSON.stringify({ shellIface: 'to-a', bpffs: topo.bpffs })]);
   await driver.wait((o) => o.ready === true, 'datapath ready');
-  const server = spawnNode(topo.b, 'B', 'test/fixtures/bpf/endpoint.ts', ['server', topo.b.addr, '9000', String(sizes.first), String(sizes.total), '22', ANSWER, String(PREAMBLE.length + sizes.first)]);
+  const server = spawnNode(topo.b, 'B', 'test/fixtures/bpf/endpoint.ts', ['server', topo.b.addr, '9000', String(sizes.first), String(sizes.total), '22', ANSWER, [PREAMBLE.length + sizes.first, ...serverMarks].join(',')]);
   await server.wait((o) => o.ready === true, 'B listening');
   const relay = spawnNode(topo.a, 'A relay', 'test/fixtures/bpf/relay.ts', [topo.a.addr, '8080', topo.b.addr, '9000', GREETING, PREAMBLE, String(ANSWER.length)]);
   await relay.wait((o) => o.ready === true, 'relay listening');
@@ -141,6 +141,37 @@ describe('stitch smoke (namespaces, eBPF datapath)', function () {
     assert.equal(nb['TcpExt.PAWSEstab'] ?? 0, 0, 'no PAWS drop at B');
     assert.equal(nc['Tcp.InCsumErrors'] ?? 0, 0, 'no checksum error at C');
     assert.equal(nb['Tcp.InCsumErrors'] ?? 0, 0, 'no checksum error at B');
+    await closeDriver(topo, b.driver);
+  });
+
+  it('stitch smoke - a drain gone quiet (B\'s window never covers what the shell promised C, and C stops): stitched after a quiet second, then byte-exact without the shell', async () => {
+    topo = await createTopology({ bpffs: true, differentWindowScales: true });
+    // B's receive buffer held at 32 KiB: its window (under 16 KiB) stays far below the edge the
+    // shell advertised to C (64 KiB or more), so the drain's window half (rule 8) cannot hold.
+    await topo.b.runOk('sysctl', ['-qw', 'net.ipv4.tcp_rmem=4096 16384 32768']);
+    const first = 4 << 20, nudge = 4 << 10;
+    const b = await bed(topo, { first, total: 32 << 20 }, [], [PREAMBLE.length + first + nudge]);
+    await Promise.all([
+      b.client.wait((o) => o.event === 'mark', 'C phase 1'),
+      b.server.wait((o) => o.event === 'mark', 'B phase 1'),
+    ]);
+    await b.driver.request({ op: 'install', spec: b.spec });
+    // A few packets after the commit start the drain; the shell relays them (they lie below its
+    // edge), B acknowledges them, and then nothing moves.
+    b.client.line(`send ${nudge}`);
+    await b.server.wait((o) => o.event === 'mark' && o.n === PREAMBLE.length + first + nudge, 'B has the nudge');
+    await waitStitched(topo, b, 15_000);
+    const raw = (await b.driver.request({ op: 'status', id: 1 })).raw as { drainOkNs: string; firstNs: string; lastNs: string };
+    assert.equal(raw.drainOkNs, '0', 'the full drain condition never held: only the quiet rule can have stitched it');
+    assert.notEqual(raw.firstNs, '0', 'a packet came after the commit: this was a drain, not an idle stitch (rule 9)');
+    // The shell is not needed any more: kill it (its kernel's FIN or RST are dropped at S).
+    b.relay.child.kill('SIGKILL');
+    await new Promise<void>((res) => (b.relay.child.exitCode !== null || b.relay.child.signalCode !== null ? res() : b.relay.child.once('exit', () => res())));
+    b.client.line('go');
+    b.server.line('go');
+    await finish(b);
+    const [nc, nb] = await Promise.all([topo.c.netstat(), topo.b.netstat()]);
+    console.log(`      retransmits C ${nc['Tcp.RetransSegs']} B ${nb['Tcp.RetransSegs']}, RTOs C ${nc['TcpExt.TCPTimeouts']} B ${nb['TcpExt.TCPTimeouts']}`);
     await closeDriver(topo, b.driver);
   });
 
