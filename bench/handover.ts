@@ -47,6 +47,9 @@ export interface HandoverRun {
     /** Bytes the shell relayed before the stitch, all connections. */
     relayedBefore: number;
   };
+  /** Stitched while idle (fromStart): per connection, decision -> phase 3 at the shell and
+   *  decision -> installed at the switch, milliseconds; the whole request. */
+  idle?: { shellMs: number[]; shellToSwitchMs: number[]; callMs: number };
   /** Connections the shell still held 5 s after the load ended (it never learnt they closed). */
   leftAtShell?: number;
   /** Something worth knowing that did not spoil the run. */
@@ -173,9 +176,11 @@ async function one(bed: Bed, round: number, mode: 'mid-load' | 'none' | 'from-st
   try {
     if (fromStart) {
       await ready;
-      const { outcomes } = await stitchAllDirect(pair);
-      const ok = outcomes.filter((o) => o.ok).length;
-      if (ok < conns) run.note = `${conns - ok} of ${conns} idle connections not stitched`;
+      const { outcomes, ms } = await stitchAllDirect(pair);
+      const okIds = new Set(outcomes.filter((o) => o.ok).map((o) => o.id));
+      const sh = shellHandover(pair.logs.shell, bed.sw.logs.slice(swLogsFrom), okIds);
+      run.idle = { shellMs: sh.total, shellToSwitchMs: sh.toSwitch, callMs: ms };
+      if (okIds.size < conns) run.note = `${conns - okIds.size} of ${conns} idle connections not stitched`;
       client.stdin!.end('go\n');
     }
     // Stitch (or, for the comparison run, do nothing) once every connection moves data both ways.

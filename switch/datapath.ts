@@ -426,8 +426,8 @@ interface InstallOptions { drain: boolean; shellIfindex?: number }
 interface Installed {
   spec: StitchSpec; gen: number; cfg: StitchCfg; keys: [Buffer, Buffer]; last?: StitchStatus; drainSeen?: bigint;
   installedAt?: number;
-  /** The idle check (idleDrained) held at the previous poll. */
-  idleSeen?: boolean;
+  /** Settled stitches are read again only from then on (Date.now()); see SETTLED_POLL_MS. */
+  nextReadMs?: number;
   /** 'drain slow' was logged. */
   slowLogged?: boolean;
   /** Taken over from an earlier daemon: spec has the legs only (offsets 0). */
@@ -467,6 +467,17 @@ const seqBefore = (a: number, b: number) => ((a - b) | 0) < 0;
  * nothing outstanding and, idle longer than their RTO, restart from a small congestion window.
  */
 export const QUIET_DRAIN_MS = 1000;
+
+/**
+ * A stitch with nothing left to drain ('stitched', 'closing', or ended) changes state only when its
+ * connection ends: it is read every SETTLED_POLL_MS instead of at every poll. Reading all 4096
+ * entries of a full table takes about 23 ms here, more than the 10 ms poll period.
+ */
+export const SETTLED_POLL_MS = 100;
+
+/** Rule 9's check of a fresh stitch waits this long after the commit: any program run that raced
+ *  the commit (and handed the shell a packet as an unstitched flow) has updated the tracking. */
+export const IDLE_CONFIRM_MS = 2;
 
 /** The first half of rule 8 on the program's drain state: the shell holds nothing of either stream. */
 function shellHoldsNothing(inst: Installed, st: StitchStateVal): boolean {
@@ -833,24 +844,26 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
 
   const poll = () => {
     const now = process.hrtime.bigint(); // CLOCK_MONOTONIC, like bpf_ktime_get_ns()
+    const nowMs = Date.now();
     for (const [id, inst] of installed) {
+      if (inst.nextReadMs !== undefined && nowMs < inst.nextReadMs) continue;
       let st: StitchStateVal | undefined;
       try { st = maps.state(id); } catch (e) { log.warn('state read failed', { id, err: e }); continue; }
       if (!st || st.gen !== inst.gen) continue;
       // No packet since the commit: the program has not even taken its snapshot. If the legs'
       // tracking (as of the commit) says the shell holds nothing, tell the program to start
       // stitched at the first packet (docs/handover.md, rule 9).
-      if (st.phase === PHASE_INSTALLED && !(inst.cfg.flags & STITCH_START_STITCHED)) {
+      const age = nowMs - (inst.installedAt ?? 0);
+      if (st.phase === PHASE_INSTALLED && !(inst.cfg.flags & STITCH_START_STITCHED) && age >= IDLE_CONFIRM_MS) {
         const ok = idleDrained(inst, maps);
-        if (!ok && !inst.slowLogged && Date.now() - (inst.installedAt ?? 0) > 2000) {
+        if (!ok && !inst.slowLogged && age > 2000) {
           inst.slowLogged = true;
           const fl = [maps.flow(clientLegKey(inst.spec)), maps.flow(coreLegKey(inst.spec))].map((f) => f && f.dir.map((x) => ({ seqHi: x.seqHi, ackHi: x.ackHi, edgeHi: x.edgeHi })));
           log.warn('drain slow: no packet since the commit, and the tracking says the shell still holds bytes', { id, seqDelta: inst.cfg.side.map((x) => x.seqDelta), client: fl[0], core: fl[1] });
         }
-        if (ok && inst.idleSeen) {
+        if (ok) {
           try { maps.setFlags(inst, STITCH_START_STITCHED); } catch (e) { log.warn('start-stitched update failed', { id, err: e }); }
         }
-        inst.idleSeen = ok;
       }
       if (st.phase !== PHASE_STITCHED && st.firstNs !== 0n && !inst.slowLogged && now - st.firstNs > 2_000_000_000n) {
         // A drain this long means one of its conditions (docs/handover.md rule 8) does not come true.
@@ -873,12 +886,21 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
         inst.drainSeen = st.drainOkNs;
       }
       const s = statusOf(id, st, inst.cfg.flags);
+      inst.nextReadMs = s.state === 'draining' ? undefined : nowMs + SETTLED_POLL_MS;
       if (!inst.last || inst.last.state !== s.state || inst.last.reason !== s.reason) {
         log.info('stitch state', { id, state: s.state, reason: s.reason });
         inst.last = s;
         emit(s);
       } else inst.last = s;
     }
+  };
+  // After installs: one poll once IDLE_CONFIRM_MS have passed, so that an idle stitch (rule 9) is
+  // stitched then, not at the next poll or the one after.
+  let soon: NodeJS.Timeout | undefined;
+  const pollSoon = () => {
+    if (soon || closed) return;
+    soon = setTimeout(() => { soon = undefined; poll(); }, IDLE_CONFIRM_MS + 1);
+    soon.unref();
   };
 
   const schedule = () => {
@@ -919,13 +941,16 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       const out = specs.map((spec, i) => {
         const r = refused[i] ?? done[k++]!;
         if (r instanceof Error) return r;
-        installed.set(spec.id, { ...r, installedAt: now });
+        // Known as installed: the STITCH answer says so, so only a change from here is news.
+        const last: StitchStatus = { id: spec.id, state: drain ? 'draining' : 'stitched', packetsClientToCore: 0, packetsCoreToClient: 0, bytesClientToCore: 0, bytesCoreToClient: 0, shellPacketsDropped: 0 };
+        installed.set(spec.id, { ...r, installedAt: now, last });
         // The control server logs each install at info; one line per stitch is what a burst of
         // ten thousand a second can afford (winston's JSON costs about a tenth of an install).
         log.debug('stitch installed in the datapath', { id: spec.id, gen: r.gen, drain, seqDelta: r.cfg.side.map((s) => s.seqDelta), wscale: r.cfg.side.map((s) => [s.wsFar, s.wsShell]) });
         return undefined;
       });
       schedule();
+      if (k > 0) pollSoon();
       return out;
     },
     async remove(id) {
@@ -968,6 +993,8 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       closed = true;
       if (timer) clearInterval(timer);
       timer = undefined;
+      if (soon) clearTimeout(soon);
+      soon = undefined;
       installed.clear();
       if (left > 0) {
         await obj.close({ keepPins: true });
