@@ -428,6 +428,8 @@ interface Installed {
   installedAt?: number;
   /** Settled stitches are read again only from then on (Date.now()); see SETTLED_POLL_MS. */
   nextReadMs?: number;
+  /** While draining: per stream, what its sender had sent when last seen changed, and when (rule 11). */
+  quiet?: { sig: [string, string]; dataAtMs: [number, number] };
   /** 'drain slow' was logged. */
   slowLogged?: boolean;
   /** Taken over from an earlier daemon: spec has the legs only (offsets 0). */
@@ -454,17 +456,12 @@ export interface AdoptionResult {
 const seqBefore = (a: number, b: number) => ((a - b) | 0) < 0;
 
 /**
- * The first half of the drain condition (translate.h, drain_check) evaluated on the legs' tracking
- * entries: for a stitch no packet has touched since its commit, these are exactly what the program's
- * snapshot would hold. True when, for both streams, the other far end acknowledged everything the
- * shell was handed: the shell holds nothing. The window half is not asked (docs/handover.md, rule 9).
- */
-/**
- * Rule 11: a drain gone quiet. Far ends' packets past the boundary bypass the shell, and those below
- * it are the shell's, so a drain whose window half (rule 8) never holds would wait on the shell for
- * as long as the connection lives. Once the other far end has acknowledged everything the shell was
- * handed, in both streams, and no far end has sent a packet for this long, the senders have
- * nothing outstanding and, idle longer than their RTO, restart from a small congestion window.
+ * Rule 11: a drain gone quiet. A stream whose receiver's window never covers the edge the shell
+ * advertised to its sender (rule 8's window half) keeps the stitch draining, and every byte that
+ * sender later sends below the boundary is the shell's to relay, for as long as the connection
+ * lives. Once the shell holds nothing of either stream, and every stream whose window half fails has
+ * had no new data for this long, the daemon ends the drain: such a sender has nothing outstanding
+ * and, idle longer than its RTO, restarts from a small congestion window.
  */
 export const QUIET_DRAIN_MS = 1000;
 
@@ -479,23 +476,46 @@ export const SETTLED_POLL_MS = 100;
  *  the commit (and handed the shell a packet as an unstitched flow) has updated the tracking. */
 export const IDLE_CONFIRM_MS = 2;
 
-/** The first half of rule 8 on the program's drain state: the shell holds nothing of either stream. */
-function shellHoldsNothing(inst: Installed, st: StitchStateVal): boolean {
+/**
+ * The first half of the drain condition (translate.h, drain_check): for both streams s, the other
+ * far end acknowledged everything the shell was handed of stream s, so the shell holds nothing.
+ * handed[s] is in far s's sequence space, ackFar[s] what far s acknowledged (its leg's space).
+ */
+function shellHoldsNothing(cfg: StitchCfg, handed: [number, number], ackFar: [number, number]): boolean {
   for (const s of [0, 1] as const) {
-    const ackedThere = (st.side[s ^ 1].ackFar - inst.cfg.side[s].seqDelta) >>> 0;
-    if (seqBefore(ackedThere, st.side[s].handed)) return false;
+    if (seqBefore((ackFar[s ^ 1] - cfg.side[s].seqDelta) >>> 0, handed[s])) return false;
   }
   return true;
 }
 
+/** Rule 8's window half for stream s: the other far end's window covers the shell's edge. */
+function windowCovers(cfg: StitchCfg, st: StitchStateVal, s: 0 | 1): boolean {
+  const o = s ^ 1;
+  const slack = 2 ** Math.max(cfg.side[s].wsShell & 15, cfg.side[o].wsFar & 15); // as drain_check
+  return !seqBefore((st.side[o].edgeFar - cfg.side[s].seqDelta + slack) >>> 0, st.side[s].boundary);
+}
+
+/**
+ * Rule 11's decision for a draining stitch: the streams it waits on (window half failing, each with
+ * no new data from its sender since dataAtMs[s]), when the shell holds nothing and every one of them
+ * has been quiet for quietMs; otherwise undefined.
+ */
+export function quietDrainDue(cfg: StitchCfg, st: StitchStateVal, dataAtMs: [number, number], nowMs: number, quietMs: number): Array<0 | 1> | undefined {
+  if (st.phase !== PHASE_DRAINING || st.drainOkNs !== 0n || (cfg.flags & STITCH_FORCE_STITCHED)) return undefined;
+  if (!shellHoldsNothing(cfg, [st.side[0].handed, st.side[1].handed], [st.side[0].ackFar, st.side[1].ackFar])) return undefined;
+  const waiting = ([0, 1] as const).filter((s) => !windowCovers(cfg, st, s));
+  return waiting.length > 0 && waiting.every((s) => nowMs - dataAtMs[s] >= quietMs) ? waiting : undefined;
+}
+
+/**
+ * shellHoldsNothing on the legs' tracking entries: for a stitch no packet has touched since its
+ * commit, these are exactly what the program's snapshot would hold. The window half is not asked
+ * (docs/handover.md, rule 9).
+ */
 function idleDrained(inst: Installed, maps: StitchMaps): boolean {
   const f = [maps.flow(clientLegKey(inst.spec)), maps.flow(coreLegKey(inst.spec))];
   if (!f[0] || !f[1]) return false;
-  for (const s of [0, 1] as const) {
-    const handed = f[s]!.dir[1].seqHi, ackedThere = (f[s ^ 1]!.dir[1].ackHi - inst.cfg.side[s].seqDelta) >>> 0;
-    if (seqBefore(ackedThere, handed)) return false;
-  }
-  return true;
+  return shellHoldsNothing(inst.cfg, [f[0].dir[1].seqHi, f[1].dir[1].seqHi], [f[0].dir[1].ackHi, f[1].dir[1].ackHi]);
 }
 
 export class StitchMaps {
@@ -832,7 +852,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
   }
   const listeners: Array<(s: StitchStatus) => void> = [];
   const drain = options.drain ?? true;
-  const quietNs = BigInt(options.quietDrainMs ?? QUIET_DRAIN_MS) * 1_000_000n;
+  const quietMs = options.quietDrainMs ?? QUIET_DRAIN_MS;
   let closed = false;
   let timer: NodeJS.Timeout | undefined;
 
@@ -871,10 +891,16 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
         const side = (x: StitchStateVal['side'][number]) => ({ boundary: x.boundary, handed: x.handed, ackFar: x.ackFar, edgeFar: x.edgeFar, ackSent: x.ackSent, ackToShell: x.ackToShell, edgeToShell: x.edgeToShell, clones: Number(x.clones), shellPassed: Number(x.shellPassed), shellDropped: Number(x.shellDropped) });
         log.warn('drain slow: still draining 2 s after the first packet', { id, drainOkNs: String(st.drainOkNs), seqDelta: inst.cfg.side.map((x) => x.seqDelta), client: side(st.side[SIDE_CLIENT]), core: side(st.side[SIDE_CORE]) });
       }
-      if (st.phase === PHASE_DRAINING && !(inst.cfg.flags & STITCH_FORCE_STITCHED) && st.drainOkNs === 0n &&
-          now - st.lastNs >= quietNs && shellHoldsNothing(inst, st)) {
-        log.info('drain gone quiet: stitched without the window half (docs/handover.md, rule 11)', { id, quietMs: Number((now - st.lastNs) / 1_000_000n) });
-        try { maps.setFlags(inst, STITCH_FORCE_STITCHED); } catch (e) { log.warn('force-stitched update failed', { id, err: e }); }
+      if (st.phase === PHASE_DRAINING) {
+        // New data from far s: its bytes sent on translated, or handed to the shell.
+        const sig = st.side.map((x) => `${x.bytes}/${x.handed}`) as [string, string];
+        const q = inst.quiet ??= { sig, dataAtMs: [nowMs, nowMs] };
+        for (const x of [0, 1] as const) if (q.sig[x] !== sig[x]) { q.sig[x] = sig[x]; q.dataAtMs[x] = nowMs; }
+        const waiting = quietDrainDue(inst.cfg, st, q.dataAtMs, nowMs, quietMs);
+        if (waiting) {
+          log.info('drain gone quiet: stitched without the window half (docs/handover.md, rule 11)', { id, quietStreams: waiting.map((x) => (x === SIDE_CLIENT ? 'client' : 'core')) });
+          try { maps.setFlags(inst, STITCH_FORCE_STITCHED); } catch (e) { log.warn('force-stitched update failed', { id, err: e }); }
+        }
       }
       // Idle connections: the program only acts on packets, so the hold of the drain condition is
       // confirmed here once it has lasted two polls, and the program told to silence the shell.

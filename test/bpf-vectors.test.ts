@@ -18,9 +18,10 @@ import { fileURLToPath } from 'node:url';
 import {
   CFG_NO_CLONE, FLOW_ACKED, FLOW_SACK_OK, FLOW_SYN, FLOW_TS_OK, FLOW_WS_OK, PHASE_DRAINING, PHASE_STITCHED,
   SIDE_CLIENT, SIDE_CORE, TERM_FIN, TERM_FIN_ACKED, TERM_RST, FLOW_DIR_SIZE, FLOW_KEY_SIZE, FLOW_VAL_SIZE, MAX_STITCHES,
-  STITCH_CFG_SIZE, STITCH_STATE_SIZE, decodeStitchState, encodeFlowKey, u32Key, type FlowVal, type GlobalCfg,
+  STITCH_CFG_SIZE, STITCH_FORCE_STITCHED, STITCH_STATE_SIZE, decodeStitchCfg, decodeStitchState, encodeFlowKey, u32Key,
+  type FlowVal, type GlobalCfg,
 } from '../switch/bpf/layout.ts';
-import { DEFAULT_CLONE_MARK, STITCH_OBJECT, StitchMaps, clientLegKey, coreLegKey, createEbpfDatapath, openStitchObject, statusOf, type StitchObject } from '../switch/datapath.ts';
+import { DEFAULT_CLONE_MARK, STITCH_OBJECT, StitchMaps, clientLegKey, coreLegKey, createEbpfDatapath, openStitchObject, quietDrainDue, statusOf, type StitchObject } from '../switch/datapath.ts';
 import { mapDelete, mapNextKey, mapUpdate, progTestRun } from '../switch/native/index.ts';
 import type { StitchSpec } from '../switch/stitch-types.ts';
 import { buildIcmp, buildPacket, encodeOptions, icmpChecksumsOk, parsePacket, quoteOf, requote, u32, type PacketSpec, type TcpOptions } from './fixtures/bpf/packets.ts';
@@ -238,6 +239,54 @@ describe('statusOf (the switch\'s view of a stitch state entry)', () => {
     const fins = (TERM_FIN | TERM_FIN_ACKED) * ((1 << SIDE_CLIENT) | (1 << SIDE_CORE));
     assert.deepEqual([statusOf(1, state(PHASE_STITCHED, fins | (TERM_RST << SIDE_CORE))).state, statusOf(1, state(PHASE_STITCHED, fins | (TERM_RST << SIDE_CORE))).reason], ['closed', 'fin']);
     assert.equal(statusOf(1, state(PHASE_STITCHED, (TERM_FIN << SIDE_CLIENT) | (TERM_RST << SIDE_CORE))).reason, 'core-rst', 'a RST before the end is a reset');
+  });
+});
+
+describe('quietDrainDue (rule 11: a drain gone quiet)', () => {
+  // C's stream (0): B acknowledged all 1000 bytes the shell was handed, but B's edge (1100) is short
+  // of the shell's (5000). B's stream (1): C acknowledged all 2000, and C's edge (3000) covers 2500.
+  // Far C's sequence numbers map onto the core leg with d0 (wrapping), B's with d1.
+  const d0 = 0xffffff00, d1 = 0x1000;
+  const setup = () => {
+    const cfg = decodeStitchCfg(Buffer.alloc(STITCH_CFG_SIZE));
+    cfg.side[0].seqDelta = d0;
+    cfg.side[1].seqDelta = d1;
+    const st = decodeStitchState(Buffer.alloc(STITCH_STATE_SIZE));
+    st.phase = PHASE_DRAINING;
+    Object.assign(st.side[0], { handed: 1000, boundary: 5000, ackFar: (2000 + d1) >>> 0, edgeFar: (3000 + d1) >>> 0 });
+    Object.assign(st.side[1], { handed: 2000, boundary: 2500, ackFar: (1000 + d0) >>> 0, edgeFar: (1100 + d0) >>> 0 });
+    return { cfg, st };
+  };
+  const now = 10_000;
+  it('quietDrainDue - due once the stream that waits on the window has had no data for quietMs, even with the other stream busy', () => {
+    const { cfg, st } = setup();
+    assert.deepEqual(quietDrainDue(cfg, st, [now - 1000, now], now, 1000), [0]);
+    assert.equal(quietDrainDue(cfg, st, [now - 999, now - 5000], now, 1000), undefined, 'C sent data 999 ms ago');
+  });
+  it('quietDrainDue - never while the shell holds bytes, or while a stream that waits on the window is busy', () => {
+    const a = setup();
+    a.st.side[1].ackFar = (999 + d0) >>> 0; // B has not acknowledged the last byte the shell was handed
+    assert.equal(quietDrainDue(a.cfg, a.st, [0, 0], now, 1000), undefined);
+    const b = setup();
+    b.st.side[0].ackFar = (1999 + d1) >>> 0;
+    assert.equal(quietDrainDue(b.cfg, b.st, [0, 0], now, 1000), undefined);
+    const c = setup();
+    c.st.side[0].edgeFar = (2400 + d1) >>> 0; // C's window short of what the shell advertised B too
+    assert.equal(quietDrainDue(c.cfg, c.st, [0, now], now, 1000), undefined, 'B still sending');
+    assert.deepEqual(quietDrainDue(c.cfg, c.st, [0, 0], now, 1000), [0, 1]);
+  });
+  it('quietDrainDue - not for a drain that holds (rule 8 finishes it), is forced already, or is over; not when every window covers', () => {
+    const cases: Array<(x: ReturnType<typeof setup>) => void> = [
+      (x) => { x.st.drainOkNs = 5n; },
+      (x) => { x.cfg.flags |= STITCH_FORCE_STITCHED; },
+      (x) => { x.st.phase = PHASE_STITCHED; },
+      (x) => { x.st.side[1].edgeFar = (5000 + d0) >>> 0; },
+    ];
+    for (const change of cases) {
+      const x = setup();
+      change(x);
+      assert.equal(quietDrainDue(x.cfg, x.st, [0, 0], now, 1000), undefined);
+    }
   });
 });
 
