@@ -112,6 +112,8 @@ export class JsonProc {
   private waiters: Array<{ pred: (o: Record<string, unknown>) => boolean; resolve: (o: Record<string, unknown>) => void }> = [];
   private stderr = '';
   private seq = 0;
+  /** What the child wrote to stderr (its last 100-200 KB). */
+  get errText(): string { return this.stderr; }
   /** Resolves once the child exited and its output is all read. */
   readonly exited: Promise<number | null>;
   constructor(readonly name: string, readonly child: ChildProcess) {

@@ -291,10 +291,11 @@ describe('quietDrainDue (rule 11: a drain gone quiet)', () => {
 });
 
 describe('createEbpfDatapath options', () => {
-  it('createEbpfDatapath - a poll period or quiet-drain time below 1 ms is refused by name, before anything is loaded', async () => {
+  it('createEbpfDatapath - a poll period, quiet-drain time or batch threshold below 1 is refused by name, before anything is loaded', async () => {
     await assert.rejects(createEbpfDatapath({ shellIface: 'lo', quietDrainMs: 0 }), /quietDrainMs must be >= 1/);
     await assert.rejects(createEbpfDatapath({ shellIface: 'lo', quietDrainMs: Number.NaN }), /quietDrainMs must be >= 1/);
     await assert.rejects(createEbpfDatapath({ shellIface: 'lo', pollIntervalMs: 0 }), /pollIntervalMs must be >= 1/);
+    await assert.rejects(createEbpfDatapath({ shellIface: 'lo', batchReadFrom: 0.5 }), /batchReadFrom must be an integer >= 1/);
   });
 });
 
@@ -398,6 +399,19 @@ describe('bpf vectors', function () {
           assert.equal(t.maps.state(i)?.gen, inst.gen);
         }
         assert.deepEqual(entries(), { stitch_cfg: 2, legs: 4, stitch_state: 2 });
+      });
+
+      it('stateAll - one batch read returns every state entry, byte for byte what state(id) reads', () => {
+        t.reset();
+        const ids = Array.from({ length: 300 }, (_, i) => i + 1);
+        ids.map(spec).forEach(track);
+        const r = t.maps.installMany(ids.map(spec), { drain: true });
+        assert.ok(r.every((x) => !(x instanceof Error)), 'all installed');
+        const all = t.maps.stateAll();
+        assert.deepEqual([...all.keys()].sort((a, b) => a - b), ids);
+        for (const id of ids) assert.deepEqual(decodeStitchState(all.get(id)!), t.maps.state(id), `state ${id}`);
+        t.reset();
+        assert.equal(t.maps.stateAll().size, 0, 'an empty table');
       });
 
       it('installMany - a batch the kernel refuses half way is retried one by one: what fits is installed, nothing of the rest is left', () => {

@@ -11,7 +11,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { DatapathError } from '../sdk/errors.ts';
 import {
-  closeFd, mapDelete, mapInfo, mapLookup, mapNextKey, mapUpdate, mapUpdateBatch, objGet, progTestRun,
+  closeFd, mapDelete, mapInfo, mapLookup, mapLookupBatch, mapNextKey, mapUpdate, mapUpdateBatch, objGet, progTestRun,
   type NativeDatapathError,
 } from '../switch/native/index.ts';
 
@@ -173,6 +173,33 @@ describe('native - behaviour', function () {
       for (let i = 0; i < 8; i++) assert.equal(mapLookup(dev, keys.subarray(i * 4, i * 4 + 4), 4)?.readUInt32LE(0), 1);
     });
 
+    it('mapLookupBatch reads every element in one call; smaller buffers get what fits, every pair intact', function () {
+      const n = 300;
+      const keys = Buffer.concat(Array.from({ length: n }, (_, i) => u64(7000 + i)));
+      const values = Buffer.concat(Array.from({ length: n }, (_, i) => val16(i)));
+      mapUpdateBatch(hashFd, keys, values, n);
+      const pairs = (k: Buffer, v: Buffer, count: number) => Array.from({ length: count }, (_, i) => [Number(k.readBigUInt64LE(i * 8)), v.subarray(i * 16, i * 16 + 16)] as const);
+      const kb = Buffer.alloc(1024 * 8), vb = Buffer.alloc(1024 * 16);
+      assert.equal(mapLookupBatch(hashFd, kb, vb), n);
+      const got = pairs(kb, vb, n);
+      assert.deepEqual(new Set(got.map(([k]) => k)), new Set(Array.from({ length: n }, (_, i) => 7000 + i)));
+      for (const [k, v] of got) assert.deepEqual(v, val16(k - 7000), `value of ${k}`);
+      const ks = Buffer.alloc(100 * 8), vs = Buffer.alloc(100 * 16);
+      const some = mapLookupBatch(hashFd, ks, vs);
+      assert.ok(some > 0 && some <= 100, `what fits in room for 100: ${some}`);
+      for (const [k, v] of pairs(ks, vs, some)) assert.deepEqual(v, val16(k - 7000), `value of ${k}`);
+      for (let i = 0; i < n; i++) mapDelete(hashFd, u64(7000 + i));
+      assert.equal(mapLookupBatch(hashFd, kb, vb), 0, 'an empty map');
+    });
+
+    it('mapLookupBatch walks a map type without batch ops (devmap)', function () {
+      const dev = createMap('devmap2', 'type devmap key 4 value 4 entries 8');
+      for (let i = 0; i < 8; i++) { const k = Buffer.alloc(4); k.writeUInt32LE(i); const v = Buffer.alloc(4); v.writeUInt32LE(1); mapUpdate(dev, k, v); }
+      const kb = Buffer.alloc(8 * 4), vb = Buffer.alloc(8 * 4);
+      assert.equal(mapLookupBatch(dev, kb, vb), 8);
+      for (let i = 0; i < 8; i++) assert.deepEqual([kb.readUInt32LE(i * 4), vb.readUInt32LE(i * 4)], [i, 1]);
+    });
+
     it('wrong buffer sizes and bad arguments name the argument and change nothing', function () {
       throwsDatapath(() => mapUpdate(hashFd, Buffer.alloc(4), val16(1)), 'EINVAL', 'key');
       throwsDatapath(() => mapUpdate(hashFd, u64(7), Buffer.alloc(15)), 'EINVAL', 'value');
@@ -189,6 +216,8 @@ describe('native - behaviour', function () {
       throwsDatapath(() => mapUpdateBatch(hashFd, Buffer.alloc(8 * 2), Buffer.alloc(16 * 3), 2), 'EINVAL', 'values');
       throwsDatapath(() => mapUpdateBatch(hashFd, Buffer.alloc(8 * 4), Buffer.alloc(16 * 4), 2), 'EINVAL', 'keys');
       throwsDatapath(() => mapUpdateBatch(hashFd, Buffer.alloc(8), Buffer.alloc(16), 1.5), 'EINVAL', 'count');
+      throwsDatapath(() => mapLookupBatch(hashFd, Buffer.alloc(12), Buffer.alloc(16)), 'EINVAL', 'keys');
+      throwsDatapath(() => mapLookupBatch(hashFd, Buffer.alloc(16), Buffer.alloc(16)), 'EINVAL', 'values');
       assert.equal(mapLookup(hashFd, u64(7), 16), null);
       assert.equal(mapNextKey(hashFd, null, 8), null);
     });

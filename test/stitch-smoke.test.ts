@@ -23,8 +23,8 @@ interface Bed {
   expect: { atClient: string; atServer: string; clientBytes: number; serverBytes: number };
 }
 
-async function bed(topo: Topology, sizes: { first: number; total: number }, marks: number[], serverMarks: number[] = []): Promise<Bed> {
-  const driver = spawnNode(topo.s, 'S driver', 'test/fixtures/bpf/stitch-driver.ts', [JSON.stringify({ shellIface: 'to-a', bpffs: topo.bpffs })]);
+async function bed(topo: Topology, sizes: { first: number; total: number }, marks: number[], serverMarks: number[] = [], dpOptions: object = {}): Promise<Bed> {
+  const driver = spawnNode(topo.s, 'S driver', 'test/fixtures/bpf/stitch-driver.ts', [JSON.stringify({ shellIface: 'to-a', bpffs: topo.bpffs, ...dpOptions })]);
   await driver.wait((o) => o.ready === true, 'datapath ready');
   const server = spawnNode(topo.b, 'B', 'test/fixtures/bpf/endpoint.ts', ['server', topo.b.addr, '9000', String(sizes.first), String(sizes.total), '22', ANSWER, [PREAMBLE.length + sizes.first, ...serverMarks].join(',')]);
   await server.wait((o) => o.ready === true, 'B listening');
@@ -195,9 +195,10 @@ describe('stitch smoke (namespaces, eBPF datapath)', function () {
     await closeDriver(topo, b.driver);
   });
 
-  it('stitch smoke - stitched under load (both ends at full speed): no byte lost, the relay flat once stitched', async () => {
+  it('stitch smoke - stitched under load (both ends at full speed): no byte lost, the relay flat once stitched (the daemon reading its states in batches)', async () => {
     topo = await createTopology({ bpffs: true, differentWindowScales: true });
-    const b = await bed(topo, { first: 1 << 20, total: 64 << 20 }, [8 << 20]);
+    // batchReadFrom 1: every poll reads the state table with one BPF_MAP_LOOKUP_BATCH
+    const b = await bed(topo, { first: 1 << 20, total: 64 << 20 }, [8 << 20], [], { batchReadFrom: 1 });
     b.client.line('go');
     b.server.line('go');
     await b.client.wait((o) => o.event === 'mark' && o.n === 8 << 20, 'C at 8 MiB');
@@ -207,6 +208,7 @@ describe('stitch smoke (namespaces, eBPF datapath)', function () {
     await finish(b);
     const after = await counters(b.relay);
     assert.deepEqual(after, atStitched, 'the relay moved nothing once the datapath said stitched');
+    assert.doesNotMatch(b.driver.errText, /state batch read failed/, 'the batch reads worked');
     const raw = (await b.driver.request({ op: 'status', id: 1 })).raw as { firstNs: string; stitchedNs: string };
     const [nc, nb] = await Promise.all([topo.c.netstat(), topo.b.netstat()]);
     console.log(`      drain ${((Number(raw.stitchedNs) - Number(raw.firstNs)) / 1e6).toFixed(1)} ms; retransmits C ${nc['Tcp.RetransSegs']} B ${nb['Tcp.RetransSegs']}, RTOs C ${nc['TcpExt.TCPTimeouts']} B ${nb['TcpExt.TCPTimeouts']}, ` +

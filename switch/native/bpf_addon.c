@@ -461,6 +461,72 @@ static napi_value map_update_batch(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// mapLookupBatch(fd, keys, values): number of elements read into keys/values from the start of
+// the map, up to what the buffers hold (keys: n x key size, values: n x value size; a hash map's
+// bucket is read whole or not at all, so buffers smaller than the map may be left partly unused). Uses
+// BPF_MAP_LOOKUP_BATCH (one call per batch the kernel hands out); where the map type lacks it
+// (EINVAL/ENOTSUPP/EOPNOTSUPP on the first call) it walks the keys with get_next_key + lookup. Not a
+// snapshot: elements added or removed meanwhile may or may not be seen.
+
+static napi_value map_lookup_batch(napi_env env, napi_callback_info info) {
+  static const char op[] = "mapLookupBatch";
+  napi_value argv[3], out;
+  int fd;
+  void *keys, *values;
+  size_t klen, vlen;
+  struct map_meta m;
+  if (get_args(env, info, 3, argv) || get_fd(env, argv[0], op, &fd) ||
+      get_bytes(env, argv[1], op, "keys", &keys, &klen) ||
+      get_bytes(env, argv[2], op, "values", &values, &vlen) || map_meta_get(env, fd, op, &m))
+    return NULL;
+  if (m.key_size == 0 || klen % m.key_size != 0)
+    return THROW_ARG(env, op, "keys", "%s: keys is %zu bytes, not a multiple of the key size %u", op,
+                     klen, m.key_size);
+  size_t max = klen / m.key_size;
+  if (max > UINT32_MAX || vlen != max * m.user_value_size)
+    return THROW_ARG(env, op, "values", "%s: values is %zu bytes but %zu keys x value size %u needs %zu",
+                     op, vlen, max, m.user_value_size, max * m.user_value_size);
+  // The batch token: a bucket index for hash maps, a key for arrays; room for either.
+  uint64_t tok_in[8] = {0}, tok_out[8] = {0};
+  if (m.key_size > sizeof tok_in)
+    return THROW_ARG(env, op, "keys", "%s: key size %u is larger than this call supports", op, m.key_size);
+  uint32_t done = 0;
+  int first = 1;
+  LIBBPF_OPTS(bpf_map_batch_opts, opts);
+  while (done < max) {
+    uint32_t n = (uint32_t)(max - done);
+    int r = bpf_map_lookup_batch(fd, first ? NULL : tok_in, tok_out,
+                                 (char *)keys + (size_t)done * m.key_size,
+                                 (char *)values + (size_t)done * m.user_value_size, &n, &opts);
+    int err = r < 0 ? errno : 0;
+    if (err == ENOENT) { done += n; break; } // the end of the map; n elements came with it
+    if (err == ENOSPC) break; // the next bucket does not fit in what is left of the buffers
+    if (err && first && (err == EINVAL || err == ENOTSUPP || err == EOPNOTSUPP)) {
+      // no batch op for this map type: walk it
+      void *prev = NULL;
+      for (; done < max; done++) {
+        char *k = (char *)keys + (size_t)done * m.key_size;
+        if (bpf_map_get_next_key(fd, prev, k) < 0) {
+          if (errno == ENOENT) break;
+          return throw_error(env, errno, "bpf_map_get_next_key", NULL, "%s(fd %d)", op, fd);
+        }
+        if (bpf_map_lookup_elem(fd, k, (char *)values + (size_t)done * m.user_value_size) < 0) {
+          if (errno == ENOENT) { done--; continue; } // deleted meanwhile: skip it
+          return throw_error(env, errno, "bpf_map_lookup_elem", NULL, "%s(fd %d)", op, fd);
+        }
+        prev = k;
+      }
+      break;
+    }
+    if (err) return throw_error(env, err, "bpf_map_lookup_batch", NULL, "%s(fd %d): after %u elements", op, fd, done);
+    done += n;
+    first = 0;
+    memcpy(tok_in, tok_out, sizeof tok_in);
+  }
+  napi_create_uint32(env, done, &out);
+  return out;
+}
+
 // mapInfo(fd): { type, typeName, keySize, valueSize, userValueSize, maxEntries, flags, name, id }
 
 static napi_value set_u32(napi_env env, napi_value obj, const char *name, uint32_t x) {
@@ -584,7 +650,8 @@ static napi_value init(napi_env env, napi_value exports) {
       {"objGet", obj_get},           {"closeFd", close_fd},
       {"mapUpdate", map_update},     {"mapLookup", map_lookup},
       {"mapDelete", map_delete},     {"mapNextKey", map_next_key},
-      {"mapUpdateBatch", map_update_batch}, {"mapInfo", map_info},
+      {"mapUpdateBatch", map_update_batch}, {"mapLookupBatch", map_lookup_batch},
+      {"mapInfo", map_info},
       {"progTestRun", prog_test_run},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {

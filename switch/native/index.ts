@@ -84,6 +84,7 @@ interface Addon {
   mapDelete(fd: number, key: Uint8Array): boolean;
   mapNextKey(fd: number, key: Uint8Array | null, out: Uint8Array): boolean;
   mapUpdateBatch(fd: number, keys: Uint8Array, values: Uint8Array, count: number, flags: number): number;
+  mapLookupBatch(fd: number, keys: Uint8Array, values: Uint8Array): number;
   mapInfo(fd: number): MapInfo;
   progTestRun(fd: number, dataIn: Uint8Array, dataSizeOut: number, ctxIn: Uint8Array | null,
     repeat: number): ProgTestRunResult;
@@ -225,6 +226,19 @@ export function mapUpdateBatch(fd: number, keys: Buffer, values: Buffer, count: 
   if (count > 0 && values.length % count !== 0) throw badArg('mapUpdateBatch', 'values', `length ${values.length} is not a multiple of count ${count}`);
   const f = flagValue('mapUpdateBatch', flags);
   try { return native().mapUpdateBatch(fd, keys, values, count, f); } catch (e) { throw wrap(e); }
+}
+
+/**
+ * Reads elements from the start of the map into keys and values (n × key size and n × value size
+ * bytes, the same n) in as few calls as the kernel allows (BPF_MAP_LOOKUP_BATCH; a walk with
+ * get_next_key for map types without it). Returns how many it read: all of them when n is at least
+ * the map's size (a hash map's bucket is read whole or not at all, so fewer may fit). Not a snapshot: an element added or deleted meanwhile may or may not be read.
+ */
+export function mapLookupBatch(fd: number, keys: Buffer, values: Buffer): number {
+  checkFd('mapLookupBatch', fd);
+  checkBytes('mapLookupBatch', 'keys', keys);
+  checkBytes('mapLookupBatch', 'values', values);
+  try { return native().mapLookupBatch(fd, keys, values); } catch (e) { throw wrap(e); }
 }
 
 /** The map's type and sizes (BPF_OBJ_GET_INFO_BY_FD): check them against the structs you encode. */
