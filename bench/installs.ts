@@ -19,6 +19,7 @@ import { execFile } from 'node:child_process';
 import { createWriteStream } from 'node:fs';
 import { promisify } from 'node:util';
 import { FLOW_DIR_SIZE, FLOW_SYN, FLOW_VAL_SIZE, MAX_STITCHES, encodeFlowKey, u32Key } from '../switch/bpf/layout.ts';
+import { logFormat } from '../sdk/log.ts';
 import { createSwitchControl } from '../switch/control-server.ts';
 import { StitchMaps, clientLegKey, coreLegKey, openStitchObject } from '../switch/datapath.ts';
 import { ALL_TRANSLATIONS, generateKey, type Datapath, type StitchLegs, type StitchSpec } from '../switch/index.ts';
@@ -37,7 +38,6 @@ export interface InstallRates {
     inFlight: number; n: number; retransmissions: number; datagrams: number;
   } | { error: string };
 }
-
 
 /** The legs of stitch i (bench/control-load.ts sends the same). */
 export function legs(i: number, shell: string): StitchLegs {
@@ -154,10 +154,7 @@ async function throughControl(maps: StitchMaps): Promise<InstallRates['control']
   const key = generateKey();
   // The daemon's own log lines (sdk/log.ts: JSON at info), written to /dev/null: part of its cost.
   const devNull = createWriteStream('/dev/null');
-  const daemonLog = winston.createLogger({
-    level: 'info', format: winston.format.combine(winston.format.timestamp(), winston.format.errors({ stack: true }), winston.format.json()),
-    transports: [new winston.transports.Stream({ stream: devNull })],
-  });
+  const daemonLog = winston.createLogger({ level: 'info', format: logFormat(), transports: [new winston.transports.Stream({ stream: devNull })] });
   const sw = createSwitchControl({
     shellAddress: '127.0.0.1', keys: [key], datapath, port: 0, logger: daemonLog,
     rateLimit: { perSecond: 1_000_000, burst: 1_000_000 },

@@ -6,11 +6,13 @@ export type Logger = winston.Logger;
 
 let root: Logger | undefined;
 
+/** One JSON object per line, with a timestamp and an error's stack. */
+export const logFormat = () => winston.format.combine(winston.format.timestamp(), winston.format.errors({ stack: true }), winston.format.json());
+
 export function defaultLogger(): Logger {
   root ??= winston.createLogger({
     level: process.env.TCP_STITCH_LOG_LEVEL ?? 'info',
-    format: winston.format.combine(
-      winston.format.timestamp(), winston.format.errors({ stack: true }), winston.format.json()),
+    format: logFormat(),
     // stderr: stdout belongs to command output (status, JSON) that scripts parse.
     transports: [new winston.transports.Console({ stderrLevels: ['error', 'warn', 'info', 'http', 'verbose', 'debug', 'silly'] })],
   });
