@@ -82,7 +82,8 @@ export interface ControlClient extends EventEmitter<ControlClientEvents> {
   /** Authenticated DISCOVER over the control channel: capabilities, and the current boot id. */
   discover(): Promise<SwitchInfo>;
   /** Installs a stitch (idempotent: the same legs again give the same id, existing: true). Calls
-   *  made in the same event-loop turn travel together, up to MAX_STITCH_MANY per STITCH_MANY. */
+   *  made in the same event-loop turn travel together, up to MAX_STITCH_MANY per STITCH_MANY: a
+   *  full one leaves at once, the rest at the turn's end. */
   stitch(legs: StitchLegs): Promise<StitchResult>;
   /** Removes a stitch; resolves with its last status. */
   unstitch(id: number): Promise<StitchStatus>;
@@ -128,7 +129,7 @@ class ControlClientImpl extends EventEmitter<ControlClientEvents> implements Con
   private knownBootId?: string;
   private notifyWindow = { bootId: '', highest: 0n, seen: new Set<bigint>(), acked: new Map<string, bigint>() };
   private closed = false;
-  /** stitch() calls of this event-loop turn, sent together at its end. */
+  /** stitch() calls of this event-loop turn not sent yet (fewer than a full STITCH_MANY). */
   private stitchQueue: Array<{ legs: StitchLegs; resolve: (r: StitchResult) => void; reject: (e: Error) => void }> = [];
   private stitchFlush?: NodeJS.Immediate;
   /** The switch answered STITCH_MANY with UNSUPP_OPCODE (an older switch): one STITCH each. */
@@ -181,6 +182,13 @@ class ControlClientImpl extends EventEmitter<ControlClientEvents> implements Con
     return new Promise<StitchResult>((resolve, reject) => {
       if (this.closed) return reject(new ClosedError('control client closed'));
       this.stitchQueue.push({ legs: clean, resolve, reject });
+      // A full datagram goes now: waiting for the turn's end gains nothing, and a loaded shell's
+      // turn can last tens of milliseconds (docs/handover.md, Open).
+      if (this.stitchQueue.length >= MAX_STITCH_MANY) {
+        if (this.stitchFlush) clearImmediate(this.stitchFlush);
+        this.flushStitches();
+        return;
+      }
       this.stitchFlush ??= setImmediate(() => this.flushStitches());
     });
   }

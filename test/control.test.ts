@@ -155,7 +155,11 @@ describe('control', () => {
       const c = client(port);
       await c.discover();
       const wanted = [...Array.from({ length: 23 }, (_, i) => legsFor(i + 1)), legsFor(5), legsFor(21)]; // 5 again later, 21 in its own datagram
-      const settled = await Promise.allSettled(wanted.map((l) => c.stitch(l)));
+      const turnEnd = new Promise((resolve) => setImmediate(resolve)); // queued before the client's flush
+      const pending = wanted.map((l) => c.stitch(l));
+      await turnEnd;
+      assert.equal(c.counters().requests, 1 + 2, 'each full datagram left at once, without waiting for the turn to end');
+      const settled = await Promise.allSettled(pending);
       assert.equal(c.counters().requests, 1 + 3, 'DISCOVER, then 25 stitches in three datagrams');
       const untracked = settled[1]!;
       assert.ok(untracked.status === 'rejected' && untracked.reason instanceof SwitchRequestError && untracked.reason.result === 'UNTRACKED_LEG');
