@@ -27,7 +27,7 @@ import {
   FLOW_KEY_SIZE, FLOW_SACK_OK, FLOW_SYN, FLOW_TS_OK, FLOW_VAL_SIZE, FLOW_WS_OK, GLOBAL_CFG_SIZE, LEG_VAL_SIZE,
   MAP_NAMES, MAX_STITCHES, PHASE_DRAINING, PHASE_FAILED, PHASE_INSTALLED, PHASE_STITCHED, SIDE_CLIENT, SIDE_CORE, SIDE_SACK, SIDE_TS, STATS,
   STATS_COUNT, STITCH_CFG_SIZE, STITCH_FORCE_STITCHED, STITCH_START_STITCHED, STITCH_STATE_SIZE, TERM_FIN,
-  TERM_FIN_ACKED, TERM_RST, decodeFlowVal, decodeLegVal, decodeStitchCfg, decodeStitchState, encodeFlowKey,
+  TERM_FIN_ACKED, TERM_RST, decodeFlowVal, decodeLegVal, decodeStitchCfg, decodeStitchState, encodeFlowKey, peekStitchState,
   encodeGlobalCfg, encodeLegVal, encodeStitchCfg, encodeStitchStateInit, u32Key,
   type FlowKey, type FlowVal, type GlobalCfg, type MapName, type ShellPrefix, type StatName, type StitchCfg,
   type StitchSide, type StitchStateVal,
@@ -394,23 +394,26 @@ function checkSpec(spec: StitchSpec): void {
   if (!Number.isInteger(spec.coreAnswerLength) || spec.coreAnswerLength < 0) bad('coreAnswerLength must be a non-negative integer');
 }
 
-/** The contract's view of the program's per-stitch state. */
-export function statusOf(id: number, st: StitchStateVal, cfgFlags = 0): StitchStatus {
-  let state: StitchState;
-  let reason: string | undefined;
-  const both = (bit: number) => (st.term & (bit << SIDE_CLIENT)) && (st.term & (bit << SIDE_CORE));
-  if (st.phase === PHASE_FAILED) { state = 'failed'; reason = 'untracked-leg'; }
+/** statusOf's state and reason, from the entry's phase and termination bits alone. */
+function stateOf(phase: number, term: number, cfgFlags: number): { state: StitchState; reason?: string } {
+  const both = (bit: number) => (term & (bit << SIDE_CLIENT)) && (term & (bit << SIDE_CORE));
+  if (phase === PHASE_FAILED) return { state: 'failed', reason: 'untracked-leg' };
   // Both FINs acknowledged: every byte arrived both ways, the end was clean. A RST after that (a
   // late duplicate reaching a socket already closed) changes nothing for either end.
-  else if (both(TERM_FIN) && both(TERM_FIN_ACKED)) { state = 'closed'; reason = 'fin'; }
-  else if (st.term & (TERM_RST << SIDE_CLIENT)) { state = 'closed'; reason = 'client-rst'; }
-  else if (st.term & (TERM_RST << SIDE_CORE)) { state = 'closed'; reason = 'core-rst'; }
+  if (both(TERM_FIN) && both(TERM_FIN_ACKED)) return { state: 'closed', reason: 'fin' };
+  if (term & (TERM_RST << SIDE_CLIENT)) return { state: 'closed', reason: 'client-rst' };
+  if (term & (TERM_RST << SIDE_CORE)) return { state: 'closed', reason: 'core-rst' };
   // One FIN while the shell still drains is not the end of its part: 'closing' tells the agent the
   // shell is out of the path, so it waits for the drain.
-  else if (!(st.phase === PHASE_STITCHED || (cfgFlags & STITCH_FORCE_STITCHED) ||
-    (st.phase === PHASE_INSTALLED && (cfgFlags & STITCH_START_STITCHED)))) state = 'draining';
-  else if (st.term & ((TERM_FIN << SIDE_CLIENT) | (TERM_FIN << SIDE_CORE))) { state = 'closing'; reason = 'fin'; }
-  else state = 'stitched';
+  if (!(phase === PHASE_STITCHED || (cfgFlags & STITCH_FORCE_STITCHED) ||
+    (phase === PHASE_INSTALLED && (cfgFlags & STITCH_START_STITCHED)))) return { state: 'draining' };
+  if (term & ((TERM_FIN << SIDE_CLIENT) | (TERM_FIN << SIDE_CORE))) return { state: 'closing', reason: 'fin' };
+  return { state: 'stitched' };
+}
+
+/** The contract's view of the program's per-stitch state. */
+export function statusOf(id: number, st: StitchStateVal, cfgFlags = 0): StitchStatus {
+  const { state, reason } = stateOf(st.phase, st.term, cfgFlags);
   const s: StitchStatus = {
     id, state,
     packetsClientToCore: Number(st.side[SIDE_CLIENT].packets), packetsCoreToClient: Number(st.side[SIDE_CORE].packets),
@@ -542,8 +545,13 @@ export class StitchMaps {
   }
 
   state(id: number): StitchStateVal | undefined {
-    const v = native.mapLookup(this.maps.stitch_state, u32Key(id), STITCH_STATE_SIZE);
+    const v = this.stateRaw(id);
     return v ? decodeStitchState(v) : undefined;
+  }
+
+  /** The state entry's bytes (decodeStitchState reads them), or undefined. */
+  stateRaw(id: number): Buffer | undefined {
+    return native.mapLookup(this.maps.stitch_state, u32Key(id), STITCH_STATE_SIZE) ?? undefined;
   }
 
   private stateKeys?: Buffer;
@@ -900,12 +908,20 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
     }
     for (const [id, inst] of installed) {
       if (!isDue(inst)) continue;
-      let st: StitchStateVal | undefined;
-      try {
-        const raw = all?.get(id);
-        st = all ? raw && decodeStitchState(raw) : maps.state(id);
-      } catch (e) { log.warn('state read failed', { id, err: e }); continue; }
-      if (!st || st.gen !== inst.gen) continue;
+      let raw: Buffer | undefined;
+      try { raw = all ? all.get(id) : maps.stateRaw(id); } catch (e) { log.warn('state read failed', { id, err: e }); continue; }
+      const peek = raw && peekStitchState(raw);
+      if (!raw || !peek || peek.gen !== inst.gen) continue;
+      // A settled stitch whose phase and end bits say what they said: nothing to do, nothing to
+      // decode (1-4 us an entry here; a full table has 4096).
+      if (inst.nextReadMs !== undefined && inst.last) {
+        const head = stateOf(peek.phase, peek.term, inst.cfg.flags);
+        if (head.state === inst.last.state && head.reason === inst.last.reason) {
+          inst.nextReadMs = nowMs + SETTLED_POLL_MS;
+          continue;
+        }
+      }
+      const st = decodeStitchState(raw);
       // No packet since the commit: the program has not even taken its snapshot. If the legs'
       // tracking (as of the commit) says the shell holds nothing, tell the program to start
       // stitched at the first packet (docs/handover.md, rule 9).

@@ -18,7 +18,7 @@ import { fileURLToPath } from 'node:url';
 import {
   CFG_NO_CLONE, FLOW_ACKED, FLOW_SACK_OK, FLOW_SYN, FLOW_TS_OK, FLOW_WS_OK, PHASE_DRAINING, PHASE_STITCHED,
   SIDE_CLIENT, SIDE_CORE, TERM_FIN, TERM_FIN_ACKED, TERM_RST, FLOW_DIR_SIZE, FLOW_KEY_SIZE, FLOW_VAL_SIZE, MAX_STITCHES,
-  STITCH_CFG_SIZE, STITCH_FORCE_STITCHED, STITCH_STATE_SIZE, decodeStitchCfg, decodeStitchState, encodeFlowKey, u32Key,
+  STITCH_CFG_SIZE, STITCH_FORCE_STITCHED, STITCH_STATE_SIZE, decodeStitchCfg, decodeStitchState, encodeFlowKey, peekStitchState, u32Key,
   type FlowVal, type GlobalCfg,
 } from '../switch/bpf/layout.ts';
 import { DEFAULT_CLONE_MARK, STITCH_OBJECT, StitchMaps, clientLegKey, coreLegKey, createEbpfDatapath, openStitchObject, quietDrainDue, statusOf, type StitchObject } from '../switch/datapath.ts';
@@ -409,7 +409,11 @@ describe('bpf vectors', function () {
         assert.ok(r.every((x) => !(x instanceof Error)), 'all installed');
         const all = t.maps.stateAll();
         assert.deepEqual([...all.keys()].sort((a, b) => a - b), ids);
-        for (const id of ids) assert.deepEqual(decodeStitchState(all.get(id)!), t.maps.state(id), `state ${id}`);
+        for (const id of ids) {
+          const st = decodeStitchState(all.get(id)!);
+          assert.deepEqual(st, t.maps.state(id), `state ${id}`);
+          assert.deepEqual(peekStitchState(all.get(id)!), { gen: st.gen, phase: st.phase, term: st.term }, `head of state ${id}`);
+        }
         t.reset();
         assert.equal(t.maps.stateAll().size, 0, 'an empty table');
       });

@@ -220,6 +220,11 @@ export function encodeStitchStateInit(id: number, gen: number): Buffer {
   return b;
 }
 
+/** The head of a state entry: enough to tell whether its state changed (decodeStitchState reads all). */
+export function peekStitchState(b: Buffer): { gen: number; phase: number; term: number } {
+  return { gen: b.readUInt32LE(4), phase: b.readUInt32LE(8), term: b.readUInt32LE(12) };
+}
+
 export function decodeStitchState(b: Buffer): StitchStateVal {
   const side = (i: number): StitchStateSide => {
     const o = 64 + i * STITCH_STATE_SIDE_SIZE;
