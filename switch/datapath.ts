@@ -518,12 +518,11 @@ export function quietDrainDue(cfg: StitchCfg, st: StitchStateVal, dataAtMs: [num
 }
 
 /**
- * shellHoldsNothing on the legs' tracking entries: for a stitch no packet has touched since its
- * commit, these are exactly what the program's snapshot would hold. The window half is not asked
- * (docs/handover.md, rule 9).
+ * shellHoldsNothing on the legs' tracking entries (client leg, core leg): for a stitch no packet has
+ * touched since its commit, these are exactly what the program's snapshot would hold. The window
+ * half is not asked (docs/handover.md, rule 9).
  */
-function idleDrained(inst: Installed, maps: StitchMaps): boolean {
-  const f = [maps.flow(clientLegKey(inst.spec)), maps.flow(coreLegKey(inst.spec))];
+function idleDrained(inst: Installed, f: Array<FlowVal | undefined>): boolean {
   if (!f[0] || !f[1]) return false;
   return shellHoldsNothing(inst.cfg, [f[0].dir[1].seqHi, f[1].dir[1].seqHi], [f[0].dir[1].ackHi, f[1].dir[1].ackHi]);
 }
@@ -910,8 +909,9 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       if (!isDue(inst)) continue;
       let raw: Buffer | undefined;
       try { raw = all ? all.get(id) : maps.stateRaw(id); } catch (e) { log.warn('state read failed', { id, err: e }); continue; }
-      const peek = raw && peekStitchState(raw);
-      if (!raw || !peek || peek.gen !== inst.gen) continue;
+      if (!raw) continue;
+      const peek = peekStitchState(raw);
+      if (peek.gen !== inst.gen) continue;
       // A settled stitch whose phase and end bits say what they said: nothing to do, nothing to
       // decode (1-4 us an entry here; a full table has 4096).
       if (inst.nextReadMs !== undefined && inst.last) {
@@ -927,10 +927,11 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       // stitched at the first packet (docs/handover.md, rule 9).
       const age = nowMs - (inst.installedAt ?? 0);
       if (st.phase === PHASE_INSTALLED && !(inst.cfg.flags & STITCH_START_STITCHED) && age >= IDLE_CONFIRM_MS) {
-        const ok = idleDrained(inst, maps);
+        const flows = [maps.flow(clientLegKey(inst.spec)), maps.flow(coreLegKey(inst.spec))];
+        const ok = idleDrained(inst, flows);
         if (!ok && !inst.slowLogged && age > 2000) {
           inst.slowLogged = true;
-          const fl = [maps.flow(clientLegKey(inst.spec)), maps.flow(coreLegKey(inst.spec))].map((f) => f && f.dir.map((x) => ({ seqHi: x.seqHi, ackHi: x.ackHi, edgeHi: x.edgeHi })));
+          const fl = flows.map((f) => f && f.dir.map((x) => ({ seqHi: x.seqHi, ackHi: x.ackHi, edgeHi: x.edgeHi })));
           log.warn('drain slow: no packet since the commit, and the tracking says the shell still holds bytes', { id, seqDelta: inst.cfg.side.map((x) => x.seqDelta), client: fl[0], core: fl[1] });
         }
         if (ok) {
