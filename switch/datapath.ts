@@ -440,6 +440,9 @@ interface Installed {
   slowLogged?: boolean;
   /** Taken over from an earlier daemon: spec has the legs only (offsets 0). */
   adopted?: boolean;
+  /** When the poll set START_STITCHED (rule 9), hrtime ns: not 'stitched' before a read
+   *  IDLE_CONFIRM_MS later says the program still had no packet. */
+  startSetNs?: bigint;
 }
 
 /** The legs of a commit entry (its side[] entries), as a spec without offsets. */
@@ -935,7 +938,11 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
           log.warn('drain slow: no packet since the commit, and the tracking says the shell still holds bytes', { id, seqDelta: inst.cfg.side.map((x) => x.seqDelta), client: fl[0], core: fl[1] });
         }
         if (ok) {
-          try { maps.setFlags(inst, STITCH_START_STITCHED); } catch (e) { log.warn('start-stitched update failed', { id, err: e }); }
+          try {
+            maps.setFlags(inst, STITCH_START_STITCHED);
+            inst.startSetNs = process.hrtime.bigint();
+            pollSoon();
+          } catch (e) { log.warn('start-stitched update failed', { id, err: e }); }
         }
       }
       if (st.phase !== PHASE_STITCHED && st.firstNs !== 0n && !inst.slowLogged && now - st.firstNs > 2_000_000_000n) {
@@ -964,7 +971,10 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
         }
         inst.drainSeen = st.drainOkNs;
       }
-      const s = statusOf(id, st, inst.cfg.flags);
+      // The flag only counts once a read taken after it still finds no packet: a packet the program
+      // took with the flags before it (between this poll's read and its write) started the drain.
+      const unconfirmed = inst.startSetNs !== undefined && now - inst.startSetNs < BigInt(IDLE_CONFIRM_MS) * 1_000_000n;
+      const s = statusOf(id, st, unconfirmed ? inst.cfg.flags & ~STITCH_START_STITCHED : inst.cfg.flags);
       inst.nextReadMs = s.state === 'draining' ? undefined : nowMs + SETTLED_POLL_MS;
       if (!inst.last || inst.last.state !== s.state || inst.last.reason !== s.reason) {
         log.info('stitch state', { id, state: s.state, reason: s.reason });
