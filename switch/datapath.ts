@@ -69,7 +69,7 @@ export interface EbpfDatapathOptions {
   coreIface?: string;
   /** The compiled object; default switch/bpf/stitch.bpf.o. */
   objectPath?: string;
-  /** State poll period; default 10 ms. */
+  /** State poll period while a stitch drains; default 10 ms (SETTLED_POLL_MS once all are settled). */
   pollIntervalMs?: number;
   /** A drain whose shell holds nothing and whose streams short of window saw no new data for this
    *  long is finished (rule 11, docs/handover.md); default QUIET_DRAIN_MS. */
@@ -432,8 +432,10 @@ interface InstallOptions { drain: boolean; shellIfindex?: number }
 interface Installed {
   spec: StitchSpec; gen: number; cfg: StitchCfg; keys: [Buffer, Buffer]; last?: StitchStatus; drainSeen?: bigint;
   installedAt?: number;
-  /** Settled stitches are read again only from then on (Date.now()); see SETTLED_POLL_MS. */
-  nextReadMs?: number;
+  /** No longer draining: read only at the settled sweep (SETTLED_POLL_MS). */
+  settled?: boolean;
+  /** The entry's phase and end bits when it was last decoded. */
+  seen?: { phase: number; term: number };
   /** While draining: per stream, what its sender had sent when last seen changed, and when (rule 11). */
   quiet?: { sig: [string, string]; dataAtMs: [number, number] };
   /** 'drain slow' was logged. */
@@ -476,9 +478,12 @@ export const QUIET_DRAIN_MS = 1000;
 
 /**
  * A stitch with nothing left to drain ('stitched', 'closing', or ended) changes state only when its
- * connection ends: it is read every SETTLED_POLL_MS instead of at every poll. Decoding all 4096
- * entries of a full table takes 4-16 ms here (reading them one by one 23-47 ms), near or past the
- * 10 ms poll period.
+ * connection ends: all of them are read together, at most every SETTLED_POLL_MS and only when the
+ * program counted a phase or end-bit change (stats.stateChanges) since the last time; with every
+ * stitch settled the daemon polls only that often. Measured here with 4096 settled stitches: 51 % of
+ * a core when each was read 100 ms after its own last read (every poll had a tenth of them due and
+ * batch-read the whole table), 15-20 % with one read of all every 100 ms (about 13 ms each), 4 %
+ * with the change count at every 10 ms poll (the wake-ups alone), under 1 % now.
  */
 export const SETTLED_POLL_MS = 100;
 
@@ -559,16 +564,14 @@ export class StitchMaps {
   private stateKeys?: Buffer;
   private stateValues?: Buffer;
   /**
-   * Every state entry in one read (BPF_MAP_LOOKUP_BATCH): id -> its bytes. The bytes are views of
-   * one buffer reused by the next call: decode them before calling again.
+   * Every state entry in one read (BPF_MAP_LOOKUP_BATCH): n entries, entry i's id at keys[4i] and its
+   * bytes at values[i * STITCH_STATE_SIZE]. Both buffers are reused by the next call: read them
+   * before calling again.
    */
-  stateAll(): Map<number, Buffer> {
+  stateBatch(): { n: number; keys: Buffer; values: Buffer } {
     const keys = this.stateKeys ??= Buffer.alloc(MAX_STITCHES * 4);
     const values = this.stateValues ??= Buffer.alloc(MAX_STITCHES * STITCH_STATE_SIZE);
-    const n = native.mapLookupBatch(this.maps.stitch_state, keys, values);
-    const out = new Map<number, Buffer>();
-    for (let i = 0; i < n; i++) out.set(keys.readUInt32LE(i * 4), values.subarray(i * STITCH_STATE_SIZE, (i + 1) * STITCH_STATE_SIZE));
-    return out;
+    return { n: native.mapLookupBatch(this.maps.stitch_state, keys, values), keys, values };
   }
 
   cfg(id: number): StitchCfg | undefined {
@@ -726,9 +729,15 @@ export class StitchMaps {
     return { adopted, dropped };
   }
 
+  private statsSize?: number;
+  /** The per-CPU counters, one row of STATS_COUNT per CPU. */
+  private statsRaw(): Buffer | null {
+    this.statsSize ??= native.mapInfo(this.maps.stats).userValueSize;
+    return native.mapLookup(this.maps.stats, u32Key(0), this.statsSize);
+  }
+
   stats(): Record<StatName, number> {
-    const info = native.mapInfo(this.maps.stats);
-    const v = native.mapLookup(this.maps.stats, u32Key(0), info.userValueSize);
+    const v = this.statsRaw();
     const out = Object.fromEntries(STATS.map((n) => [n, 0])) as Record<StatName, number>;
     if (!v) return out;
     const stride = STATS_COUNT * 8;
@@ -736,6 +745,15 @@ export class StitchMaps {
       STATS.forEach((n, i) => { out[n] += Number(v.readBigUInt64LE(cpu * stride + i * 8)); });
     }
     return out;
+  }
+
+  /** stats().stateChanges alone: one read, no object (the daemon asks at every settled sweep). */
+  stateChanges(): bigint {
+    const v = this.statsRaw();
+    let n = 0n;
+    const at = STATS.indexOf('stateChanges') * 8;
+    for (let o = at; v && o < v.length; o += STATS_COUNT * 8) n += v.readBigUInt64LE(o);
+    return n;
   }
 }
 
@@ -878,10 +896,13 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
   }
 
   const installed = new Map<number, Installed>();
+  /** The ids of installed stitches not settled: the polls between sweeps read only these. */
+  const unsettled = new Set<number>();
   for (const inst of adoption.adopted) {
     const st = maps.state(inst.spec.id);
     if (st) inst.last = statusOf(inst.spec.id, st, inst.cfg.flags);
     installed.set(inst.spec.id, inst);
+    unsettled.add(inst.spec.id);
   }
   const listeners: Array<(s: StitchStatus) => void> = [];
   const drain = options.drain ?? true;
@@ -889,6 +910,8 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
   const batchReadFrom = options.batchReadFrom ?? BATCH_READ_FROM;
   let closed = false;
   let timer: NodeJS.Timeout | undefined;
+  let nextSweepMs = 0;
+  let lastChanges: bigint | undefined;
 
   const emit = (s: StitchStatus) => {
     for (const l of listeners) {
@@ -896,91 +919,109 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
     }
   };
 
+  /** What a poll does with a stitch whose state entry it decoded. */
+  const examine = (id: number, inst: Installed, st: StitchStateVal, now: bigint, nowMs: number) => {
+    inst.seen = { phase: st.phase, term: st.term };
+    // No packet since the commit: the program has not even taken its snapshot. If the legs'
+    // tracking (as of the commit) says the shell holds nothing, tell the program to start
+    // stitched at the first packet (docs/handover.md, rule 9).
+    const age = nowMs - (inst.installedAt ?? 0);
+    if (st.phase === PHASE_INSTALLED && !(inst.cfg.flags & STITCH_START_STITCHED) && age >= IDLE_CONFIRM_MS) {
+      const flows = [maps.flow(clientLegKey(inst.spec)), maps.flow(coreLegKey(inst.spec))];
+      const ok = idleDrained(inst, flows);
+      if (!ok && !inst.slowLogged && age > 2000) {
+        inst.slowLogged = true;
+        const fl = flows.map((f) => f && f.dir.map((x) => ({ seqHi: x.seqHi, ackHi: x.ackHi, edgeHi: x.edgeHi })));
+        log.warn('drain slow: no packet since the commit, and the tracking says the shell still holds bytes', { id, seqDelta: inst.cfg.side.map((x) => x.seqDelta), client: fl[0], core: fl[1] });
+      }
+      if (ok) {
+        try {
+          maps.setFlags(inst, STITCH_START_STITCHED);
+          inst.startSetNs = process.hrtime.bigint();
+          pollSoon();
+        } catch (e) { log.warn('start-stitched update failed', { id, err: e }); }
+      }
+    }
+    if (st.phase !== PHASE_STITCHED && st.firstNs !== 0n && !inst.slowLogged && now - st.firstNs > 2_000_000_000n) {
+      // A drain this long means one of its conditions (docs/handover.md rule 8) does not come true.
+      inst.slowLogged = true;
+      const side = (x: StitchStateVal['side'][number]) => ({ boundary: x.boundary, handed: x.handed, ackFar: x.ackFar, edgeFar: x.edgeFar, ackSent: x.ackSent, ackToShell: x.ackToShell, edgeToShell: x.edgeToShell, clones: Number(x.clones), shellPassed: Number(x.shellPassed), shellDropped: Number(x.shellDropped) });
+      log.warn('drain slow: still draining 2 s after the first packet', { id, drainOkNs: String(st.drainOkNs), seqDelta: inst.cfg.side.map((x) => x.seqDelta), client: side(st.side[SIDE_CLIENT]), core: side(st.side[SIDE_CORE]) });
+    }
+    if (st.phase === PHASE_DRAINING) {
+      // New data from far s: its bytes sent on translated, or handed to the shell.
+      const sig = st.side.map((x) => `${x.bytes}/${x.handed}`) as [string, string];
+      const q = inst.quiet ??= { sig, dataAtMs: [nowMs, nowMs] };
+      for (const x of [0, 1] as const) if (q.sig[x] !== sig[x]) { q.sig[x] = sig[x]; q.dataAtMs[x] = nowMs; }
+      const waiting = quietDrainDue(inst.cfg, st, q.dataAtMs, nowMs, quietMs);
+      if (waiting) {
+        log.info('drain gone quiet: stitched without the window half (docs/handover.md, rule 11)', { id, quietStreams: waiting.map((x) => (x === SIDE_CLIENT ? 'client' : 'core')) });
+        try { maps.setFlags(inst, STITCH_FORCE_STITCHED); } catch (e) { log.warn('force-stitched update failed', { id, err: e }); }
+      }
+    }
+    // Idle connections: the program only acts on packets, so the hold of the drain condition is
+    // confirmed here once it has lasted two polls, and the program told to silence the shell.
+    if (st.phase !== PHASE_STITCHED && st.phase !== PHASE_FAILED && st.drainOkNs !== 0n &&
+        !(inst.cfg.flags & STITCH_FORCE_STITCHED)) {
+      if (inst.drainSeen === st.drainOkNs && now - st.drainOkNs >= 2_000_000n) {
+        try { maps.setFlags(inst, STITCH_FORCE_STITCHED); } catch (e) { log.warn('force-stitched update failed', { id, err: e }); }
+      }
+      inst.drainSeen = st.drainOkNs;
+    }
+    // The flag only counts once a read taken after it still finds no packet: a packet the program
+    // took with the flags before it (between this poll's read and its write) started the drain.
+    const unconfirmed = inst.startSetNs !== undefined && now - inst.startSetNs < BigInt(IDLE_CONFIRM_MS) * 1_000_000n;
+    const s = statusOf(id, st, unconfirmed ? inst.cfg.flags & ~STITCH_START_STITCHED : inst.cfg.flags);
+    inst.settled = s.state !== 'draining';
+    if (inst.settled) unsettled.delete(id); else unsettled.add(id);
+    if (!inst.last || inst.last.state !== s.state || inst.last.reason !== s.reason) {
+      log.info('stitch state', { id, state: s.state, reason: s.reason });
+      inst.last = s;
+      emit(s);
+    } else inst.last = s;
+  };
+
   const poll = () => {
     const now = process.hrtime.bigint(); // CLOCK_MONOTONIC, like bpf_ktime_get_ns()
     const nowMs = Date.now();
-    const isDue = (inst: Installed) => inst.nextReadMs === undefined || nowMs >= inst.nextReadMs;
-    let due = 0;
-    for (const inst of installed.values()) if (isDue(inst)) due++;
+    // Settled stitches are read at most every SETTLED_POLL_MS, and only when the program counted a
+    // phase or end-bit change since the last sweep (read before the states: a change after it
+    // makes the next sweep).
+    let sweep = nowMs >= nextSweepMs && installed.size > unsettled.size;
+    if (sweep) {
+      let changes: bigint | undefined;
+      try { changes = maps.stateChanges(); } catch (e) { log.warn('stats read failed; reading every settled stitch', { err: e }); }
+      sweep = changes === undefined || changes !== lastChanges;
+      if (sweep) {
+        lastChanges = changes;
+        // less half a poll period: a timer set for SETTLED_POLL_MS may fire a ms early by Date.now()
+        nextSweepMs = nowMs + SETTLED_POLL_MS - (options.pollIntervalMs ?? 10) / 2;
+      }
+    }
+    const visit = (id: number, raw: Buffer, off: number) => {
+      const inst = installed.get(id);
+      if (!inst || (inst.settled && !sweep)) return;
+      const head = peekStitchState(raw, off);
+      if (head.gen !== inst.gen) return;
+      // A settled stitch whose phase and end bits are what they were: nothing to do, nothing to
+      // decode (1-4 us an entry here; a full table has 4096).
+      if (inst.settled && head.phase === inst.seen?.phase && head.term === inst.seen.term) return;
+      examine(id, inst, decodeStitchState(off === 0 ? raw : raw.subarray(off, off + STITCH_STATE_SIZE)), now, nowMs);
+    };
     // Many due: one batch read of the whole table (about 1.2 ms for 4096 entries here) instead of
     // a bpf(2) call each (6-11 us each: 23-47 ms for 4096).
-    let all: Map<number, Buffer> | undefined;
-    if (due >= batchReadFrom) {
-      try { all = maps.stateAll(); } catch (e) { log.warn('state batch read failed; reading one by one', { err: e }); }
+    if ((sweep ? installed.size : unsettled.size) >= batchReadFrom) {
+      let batch: ReturnType<StitchMaps['stateBatch']> | undefined;
+      try { batch = maps.stateBatch(); } catch (e) { log.warn('state batch read failed; reading one by one', { err: e }); }
+      if (batch) {
+        for (let i = 0; i < batch.n; i++) visit(batch.keys.readUInt32LE(i * 4), batch.values, i * STITCH_STATE_SIZE);
+        return;
+      }
     }
-    for (const [id, inst] of installed) {
-      if (!isDue(inst)) continue;
+    for (const id of sweep ? [...installed.keys()] : [...unsettled]) {
       let raw: Buffer | undefined;
-      try { raw = all ? all.get(id) : maps.stateRaw(id); } catch (e) { log.warn('state read failed', { id, err: e }); continue; }
-      if (!raw) continue;
-      const peek = peekStitchState(raw);
-      if (peek.gen !== inst.gen) continue;
-      // A settled stitch whose phase and end bits say what they said: nothing to do, nothing to
-      // decode (1-4 us an entry here; a full table has 4096).
-      if (inst.nextReadMs !== undefined && inst.last) {
-        const head = stateOf(peek.phase, peek.term, inst.cfg.flags);
-        if (head.state === inst.last.state && head.reason === inst.last.reason) {
-          inst.nextReadMs = nowMs + SETTLED_POLL_MS;
-          continue;
-        }
-      }
-      const st = decodeStitchState(raw);
-      // No packet since the commit: the program has not even taken its snapshot. If the legs'
-      // tracking (as of the commit) says the shell holds nothing, tell the program to start
-      // stitched at the first packet (docs/handover.md, rule 9).
-      const age = nowMs - (inst.installedAt ?? 0);
-      if (st.phase === PHASE_INSTALLED && !(inst.cfg.flags & STITCH_START_STITCHED) && age >= IDLE_CONFIRM_MS) {
-        const flows = [maps.flow(clientLegKey(inst.spec)), maps.flow(coreLegKey(inst.spec))];
-        const ok = idleDrained(inst, flows);
-        if (!ok && !inst.slowLogged && age > 2000) {
-          inst.slowLogged = true;
-          const fl = flows.map((f) => f && f.dir.map((x) => ({ seqHi: x.seqHi, ackHi: x.ackHi, edgeHi: x.edgeHi })));
-          log.warn('drain slow: no packet since the commit, and the tracking says the shell still holds bytes', { id, seqDelta: inst.cfg.side.map((x) => x.seqDelta), client: fl[0], core: fl[1] });
-        }
-        if (ok) {
-          try {
-            maps.setFlags(inst, STITCH_START_STITCHED);
-            inst.startSetNs = process.hrtime.bigint();
-            pollSoon();
-          } catch (e) { log.warn('start-stitched update failed', { id, err: e }); }
-        }
-      }
-      if (st.phase !== PHASE_STITCHED && st.firstNs !== 0n && !inst.slowLogged && now - st.firstNs > 2_000_000_000n) {
-        // A drain this long means one of its conditions (docs/handover.md rule 8) does not come true.
-        inst.slowLogged = true;
-        const side = (x: StitchStateVal['side'][number]) => ({ boundary: x.boundary, handed: x.handed, ackFar: x.ackFar, edgeFar: x.edgeFar, ackSent: x.ackSent, ackToShell: x.ackToShell, edgeToShell: x.edgeToShell, clones: Number(x.clones), shellPassed: Number(x.shellPassed), shellDropped: Number(x.shellDropped) });
-        log.warn('drain slow: still draining 2 s after the first packet', { id, drainOkNs: String(st.drainOkNs), seqDelta: inst.cfg.side.map((x) => x.seqDelta), client: side(st.side[SIDE_CLIENT]), core: side(st.side[SIDE_CORE]) });
-      }
-      if (st.phase === PHASE_DRAINING) {
-        // New data from far s: its bytes sent on translated, or handed to the shell.
-        const sig = st.side.map((x) => `${x.bytes}/${x.handed}`) as [string, string];
-        const q = inst.quiet ??= { sig, dataAtMs: [nowMs, nowMs] };
-        for (const x of [0, 1] as const) if (q.sig[x] !== sig[x]) { q.sig[x] = sig[x]; q.dataAtMs[x] = nowMs; }
-        const waiting = quietDrainDue(inst.cfg, st, q.dataAtMs, nowMs, quietMs);
-        if (waiting) {
-          log.info('drain gone quiet: stitched without the window half (docs/handover.md, rule 11)', { id, quietStreams: waiting.map((x) => (x === SIDE_CLIENT ? 'client' : 'core')) });
-          try { maps.setFlags(inst, STITCH_FORCE_STITCHED); } catch (e) { log.warn('force-stitched update failed', { id, err: e }); }
-        }
-      }
-      // Idle connections: the program only acts on packets, so the hold of the drain condition is
-      // confirmed here once it has lasted two polls, and the program told to silence the shell.
-      if (st.phase !== PHASE_STITCHED && st.phase !== PHASE_FAILED && st.drainOkNs !== 0n &&
-          !(inst.cfg.flags & STITCH_FORCE_STITCHED)) {
-        if (inst.drainSeen === st.drainOkNs && now - st.drainOkNs >= 2_000_000n) {
-          try { maps.setFlags(inst, STITCH_FORCE_STITCHED); } catch (e) { log.warn('force-stitched update failed', { id, err: e }); }
-        }
-        inst.drainSeen = st.drainOkNs;
-      }
-      // The flag only counts once a read taken after it still finds no packet: a packet the program
-      // took with the flags before it (between this poll's read and its write) started the drain.
-      const unconfirmed = inst.startSetNs !== undefined && now - inst.startSetNs < BigInt(IDLE_CONFIRM_MS) * 1_000_000n;
-      const s = statusOf(id, st, unconfirmed ? inst.cfg.flags & ~STITCH_START_STITCHED : inst.cfg.flags);
-      inst.nextReadMs = s.state === 'draining' ? undefined : nowMs + SETTLED_POLL_MS;
-      if (!inst.last || inst.last.state !== s.state || inst.last.reason !== s.reason) {
-        log.info('stitch state', { id, state: s.state, reason: s.reason });
-        inst.last = s;
-        emit(s);
-      } else inst.last = s;
+      try { raw = maps.stateRaw(id); } catch (e) { log.warn('state read failed', { id, err: e }); continue; }
+      if (raw) visit(id, raw, 0);
     }
   };
   // After installs: one poll once IDLE_CONFIRM_MS have passed, so that an idle stitch (rule 9) is
@@ -988,17 +1029,25 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
   let soon: NodeJS.Timeout | undefined;
   const pollSoon = () => {
     if (soon || closed) return;
-    soon = setTimeout(() => { soon = undefined; poll(); }, IDLE_CONFIRM_MS + 1);
+    soon = setTimeout(() => { soon = undefined; poll(); schedule(); }, IDLE_CONFIRM_MS + 1);
     soon.unref();
   };
 
+  // The next poll: pollIntervalMs on while a stitch drains, SETTLED_POLL_MS once all are settled
+  // (every wake-up of this process costs about 0.4 ms of CPU here: 4 % of a core at 10 ms).
+  let timerMs = 0;
+  const tick = () => { timer = undefined; poll(); schedule(); };
   const schedule = () => {
-    if (timer || closed || installed.size === 0) return;
-    timer = setInterval(poll, options.pollIntervalMs ?? 10);
+    if (closed || installed.size === 0) return;
+    const ms = unsettled.size > 0 ? options.pollIntervalMs ?? 10 : SETTLED_POLL_MS;
+    if (timer && timerMs <= ms) return;
+    if (timer) clearTimeout(timer);
+    timerMs = ms;
+    timer = setTimeout(tick, ms);
     timer.unref();
   };
   const unschedule = () => {
-    if (timer && installed.size === 0) { clearInterval(timer); timer = undefined; }
+    if (timer && installed.size === 0) { clearTimeout(timer); timer = undefined; }
   };
 
   const dp: EbpfDatapath = {
@@ -1033,6 +1082,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
         // Known as installed: the STITCH answer says so, so only a change from here is news.
         const last: StitchStatus = { id: spec.id, state: drain ? 'draining' : 'stitched', packetsClientToCore: 0, packetsCoreToClient: 0, bytesClientToCore: 0, bytesCoreToClient: 0, shellPacketsDropped: 0 };
         installed.set(spec.id, { ...r, installedAt: now, last });
+        unsettled.add(spec.id);
         // The control server logs each install at info; one line per stitch is what a burst of
         // ten thousand a second can afford (winston's JSON costs about a tenth of an install).
         log.debug('stitch installed in the datapath', { id: spec.id, gen: r.gen, drain, seqDelta: r.cfg.side.map((s) => s.seqDelta), wscale: r.cfg.side.map((s) => [s.wsFar, s.wsShell]) });
@@ -1046,6 +1096,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       const inst = installed.get(id);
       if (!inst) return;
       installed.delete(id);
+      unsettled.delete(id);
       const last = maps.remove(inst);
       log.info('stitch removed', { id, state: last ? statusOf(id, last, inst.cfg.flags).state : 'unknown' });
       unschedule();
@@ -1080,11 +1131,12 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
         try { left = maps.keys('stitch_cfg').length; } catch (e) { log.warn('stitch count failed; tearing down', { err: e }); }
       }
       closed = true;
-      if (timer) clearInterval(timer);
+      if (timer) clearTimeout(timer);
       timer = undefined;
       if (soon) clearTimeout(soon);
       soon = undefined;
       installed.clear();
+      unsettled.clear();
       if (left > 0) {
         await obj.close({ keepPins: true });
         log.info(`eBPF datapath left attached: the fast path stays up for ${left} stitch${left === 1 ? '' : 'es'} until the next daemon adopts it`, {

@@ -401,21 +401,23 @@ describe('bpf vectors', function () {
         assert.deepEqual(entries(), { stitch_cfg: 2, legs: 4, stitch_state: 2 });
       });
 
-      it('stateAll - one batch read returns every state entry, byte for byte what state(id) reads', () => {
+      it('stateBatch - one batch read returns every state entry, byte for byte what state(id) reads', () => {
         t.reset();
         const ids = Array.from({ length: 300 }, (_, i) => i + 1);
         ids.map(spec).forEach(track);
         const r = t.maps.installMany(ids.map(spec), { drain: true });
         assert.ok(r.every((x) => !(x instanceof Error)), 'all installed');
-        const all = t.maps.stateAll();
-        assert.deepEqual([...all.keys()].sort((a, b) => a - b), ids);
-        for (const id of ids) {
-          const st = decodeStitchState(all.get(id)!);
+        const { n, keys, values } = t.maps.stateBatch();
+        const got = Array.from({ length: n }, (_, i) => keys.readUInt32LE(i * 4));
+        assert.deepEqual([...got].sort((a, b) => a - b), ids);
+        got.forEach((id, i) => {
+          const off = i * STITCH_STATE_SIZE;
+          const st = decodeStitchState(values.subarray(off, off + STITCH_STATE_SIZE));
           assert.deepEqual(st, t.maps.state(id), `state ${id}`);
-          assert.deepEqual(peekStitchState(all.get(id)!), { gen: st.gen, phase: st.phase, term: st.term }, `head of state ${id}`);
-        }
+          assert.deepEqual(peekStitchState(values, off), { gen: st.gen, phase: st.phase, term: st.term }, `head of state ${id}`);
+        });
         t.reset();
-        assert.equal(t.maps.stateAll().size, 0, 'an empty table');
+        assert.equal(t.maps.stateBatch().n, 0, 'an empty table');
       });
 
       it('installMany - a batch the kernel refuses half way is retried one by one: what fits is installed, nothing of the rest is left', () => {
@@ -574,13 +576,19 @@ describe('bpf vectors', function () {
       t.vector({ description: 'unreachable about an unstitched flow untouched', input: other, expectedOutput: other, expectedReturn: TC_ACT_OK });
     });
 
-    it('stitched - FIN each way passes translated; the entry goes closing, then closed (fin)', () => {
+    it('stitched - FIN each way passes translated; the entry goes closing, then closed (fin); each new end bit is counted once (stateChanges)', () => {
       const k = 2000, jb = 3000;
-      t.vector({
+      const cFin = {
         description: 'C FIN', input: w.c2a({ seq: w.sC(k), ack: w.sAc(300), flags: 'FA', win: 100 }), expectedReturn: TC_ACT_REDIRECT,
         expectedOutput: w.a2b({ seq: w.sAv(w.kToM(k)), ack: w.sB(w.iToJ(300)), flags: 'FA', ttl: 63, win: 50 }),
-      });
+      };
+      t.vector(cFin);
       assert.equal(statusOf(w.id, t.maps.state(w.id)!).state, 'closing');
+      // The daemon re-reads settled stitches only when this count moved: every change counted, no
+      // repeat counted.
+      const c1 = t.maps.stateChanges();
+      t.vector({ ...cFin, description: 'C FIN again' });
+      assert.equal(t.maps.stateChanges(), c1, 'a repeated FIN changes nothing');
       t.vector({
         description: 'B acks C\'s FIN', input: w.b2a({ seq: w.sB(jb), ack: w.sAv(w.kToM(k) + 1), win: 30 }), expectedReturn: TC_ACT_REDIRECT,
         expectedOutput: w.a2c({ seq: w.sAc(w.jToI(jb)), ack: w.sC(k + 1), ttl: 63, win: 60 }),
@@ -592,12 +600,14 @@ describe('bpf vectors', function () {
       let st = t.maps.state(w.id)!;
       assert.equal(st.term, (TERM_FIN << SIDE_CLIENT) | (TERM_FIN << SIDE_CORE) | (TERM_FIN_ACKED << SIDE_CLIENT));
       assert.equal(statusOf(w.id, st).state, 'closing');
+      assert.equal(t.maps.stateChanges(), c1 + 2n, 'B\'s ack of C\'s FIN and B\'s FIN: two changes');
       t.vector({
         description: 'C acks B\'s FIN', input: w.c2a({ seq: w.sC(k + 1), ack: w.sAc(w.jToI(jb) + 1), win: 100 }), expectedReturn: TC_ACT_REDIRECT,
         expectedOutput: w.a2b({ seq: w.sAv(w.kToM(k + 1)), ack: w.sB(jb + 1), ttl: 63, win: 50 }),
       });
       st = t.maps.state(w.id)!;
       assert.deepEqual([statusOf(w.id, st).state, statusOf(w.id, st).reason], ['closed', 'fin']);
+      assert.equal(t.maps.stateChanges(), c1 + 3n, 'C\'s ack of B\'s FIN: one more');
     });
 
     it('stitched - RST from B passes translated; the entry is closed (rst)', () => {

@@ -14,7 +14,7 @@ export const STITCH_SIDE_SIZE = 32;
 export const STITCH_CFG_SIZE = 80;
 export const STITCH_STATE_SIDE_SIZE = 80;
 export const STITCH_STATE_SIZE = 224;
-export const STATS_COUNT = 16;
+export const STATS_COUNT = 32;
 export const MAX_SHELL_ADDRS = 4;
 export const MAX_STITCHES = 4096;
 export const MAX_FLOWS = 65536;
@@ -53,6 +53,7 @@ export const DRAIN_HOLD_NS = 1_000_000n;
 export const STATS = [
   'packets', 'notTcp', 'malformed', 'tracked', 'syn', 'mssClamped', 'translated', 'shellDropped',
   'shellPassed', 'clones', 'cloneFailed', 'injectedDrops', 'staleGeneration', 'errors', 'icmpTranslated', 'shellAnswered',
+  'stateChanges',
 ] as const;
 export type StatName = typeof STATS[number];
 
@@ -221,8 +222,9 @@ export function encodeStitchStateInit(id: number, gen: number): Buffer {
 }
 
 /** The head of a state entry: enough to tell whether its state changed (decodeStitchState reads all). */
-export function peekStitchState(b: Buffer): { gen: number; phase: number; term: number } {
-  return { gen: b.readUInt32LE(4), phase: b.readUInt32LE(8), term: b.readUInt32LE(12) };
+/** The head of the state entry at offset off of b. */
+export function peekStitchState(b: Buffer, off = 0): { gen: number; phase: number; term: number } {
+  return { gen: b.readUInt32LE(off + 4), phase: b.readUInt32LE(off + 8), term: b.readUInt32LE(off + 12) };
 }
 
 export function decodeStitchState(b: Buffer): StitchStateVal {

@@ -105,6 +105,7 @@
 #define ST_ERRORS        13  /* helper failures */
 #define ST_ICMP          14  /* ICMP errors about a stitched flow translated back */
 #define ST_SHELL_ANSWERED 15 /* S answered the shell for a far end: it missed an ack or window (rule 10) */
-#define ST_COUNT         16
+#define ST_STATE_CHANGES 16  /* a stitch's phase or end bits changed: the daemon re-reads settled ones */
+#define ST_COUNT         32  /* a power of two (stat_inc masks with it) */
 
 #endif

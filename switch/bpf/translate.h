@@ -97,6 +97,22 @@ static __always_inline __u32 sack_rewrite(struct scratch *s, __u32 delta, __u32 
 	return kept;
 }
 
+/* A stitch's phase and end bits change only through these two, which count every change
+ * (ST_STATE_CHANGES): the daemon re-reads its settled stitches only when the count moved. */
+static __always_inline int phase_cas(struct stitch_state *st, __u32 from, __u32 to)
+{
+	if (__sync_val_compare_and_swap(&st->phase, from, to) != from)
+		return 0;
+	stat_inc(ST_STATE_CHANGES);
+	return 1;
+}
+
+static __always_inline void term_or(struct stitch_state *st, __u32 bits)
+{
+	if ((__sync_fetch_and_or(&st->term, bits) & bits) != bits)
+		stat_inc(ST_STATE_CHANGES);
+}
+
 /* The first packet after the commit takes the snapshot the drain works from: the boundaries, what
  * the shell was handed, what each far end acked and saw. Boundary of stream s: far s's bytes below
  * it go to the shell; see docs/handover.md, rule 1. */
@@ -106,7 +122,7 @@ static __always_inline __u32 take_snapshot(const struct stitch_cfg *sc, struct s
 	struct flow_val *f0, *f1;
 
 	if (ph == PHASE_DRAINING && (sc->flags & STITCH_FORCE_STITCHED)) {
-		if (__sync_val_compare_and_swap(&st->phase, PHASE_DRAINING, PHASE_STITCHED) == PHASE_DRAINING)
+		if (phase_cas(st, PHASE_DRAINING, PHASE_STITCHED))
 			st->stitched_ns = now;
 		return PHASE_STITCHED;
 	}
@@ -115,7 +131,7 @@ static __always_inline __u32 take_snapshot(const struct stitch_cfg *sc, struct s
 	f0 = leg_flow(sc, 0);
 	f1 = leg_flow(sc, 1);
 	if (!f0 || !f1) {
-		__sync_val_compare_and_swap(&st->phase, PHASE_INSTALLED, PHASE_FAILED);
+		phase_cas(st, PHASE_INSTALLED, PHASE_FAILED);
 		return READ_ONCE32(st->phase);
 	}
 #pragma clang loop unroll(full)
@@ -145,19 +161,19 @@ static __always_inline __u32 take_snapshot(const struct stitch_cfg *sc, struct s
 		 * connection open, the kernel had the end): the end is recorded here, and the shell's FIN
 		 * or RST relaying it to far o passes (stitch_from_shell). */
 		if (f->dir[1].flags & FLOW_RST)
-			__sync_fetch_and_or(&st->term, TERM_RST << s);
+			term_or(st, TERM_RST << s);
 		if (f->dir[1].flags & FLOW_FIN) {
 			ss->fin_seq = f->dir[1].fin_seq;
-			__sync_fetch_and_or(&st->term, TERM_FIN << s);
+			term_or(st, TERM_FIN << s);
 			if ((fo->dir[1].flags & FLOW_ACKED) && seq_after(fo->dir[1].ack_hi, ss->fin_seq + sc->side[s].seq_delta))
-				__sync_fetch_and_or(&st->term, TERM_FIN_ACKED << s);
+				term_or(st, TERM_FIN_ACKED << s);
 		}
 	}
 	st->first_ns = now;
 	next = (sc->flags & STITCH_START_STITCHED) ? PHASE_STITCHED : PHASE_DRAINING;
 	if (next == PHASE_STITCHED)
 		st->stitched_ns = now;
-	__sync_val_compare_and_swap(&st->phase, PHASE_INSTALLED, next);
+	phase_cas(st, PHASE_INSTALLED, next);
 	return READ_ONCE32(st->phase);
 }
 
@@ -196,8 +212,7 @@ static __always_inline void drain_check(const struct stitch_cfg *sc, struct stit
 		__sync_val_compare_and_swap(&st->drain_ok_ns, 0, now);
 		return;
 	}
-	if (now - t >= DRAIN_HOLD_NS &&
-	    __sync_val_compare_and_swap(&st->phase, PHASE_DRAINING, PHASE_STITCHED) == PHASE_DRAINING)
+	if (now - t >= DRAIN_HOLD_NS && phase_cas(st, PHASE_DRAINING, PHASE_STITCHED))
 		st->stitched_ns = now;
 }
 
@@ -207,16 +222,16 @@ static __always_inline void note_termination(const struct stitch_cfg *sc, struct
 	__u32 o = s ^ 1, term;
 
 	if (p->flags & TCP_RST)
-		__sync_fetch_and_or(&st->term, TERM_RST << s);
+		term_or(st, TERM_RST << s);
 	if (p->flags & TCP_FIN) {
 		st->side[s].fin_seq = p->seq + p->payload;
-		__sync_fetch_and_or(&st->term, TERM_FIN << s);
+		term_or(st, TERM_FIN << s);
 	}
 	term = READ_ONCE32(st->term);
 	/* does this packet acknowledge the other far end's FIN? (its seq in our A->far space) */
 	if ((p->flags & TCP_ACK) && (term & (TERM_FIN << o)) && !(term & (TERM_FIN_ACKED << o)) &&
 	    seq_after(p->ack, st->side[o].fin_seq + sc->side[o].seq_delta))
-		__sync_fetch_and_or(&st->term, TERM_FIN_ACKED << o);
+		term_or(st, TERM_FIN_ACKED << o);
 }
 
 static __always_inline __u32 out_ifindex(const struct global_cfg *g, const struct stitch_cfg *sc, __u32 side)
