@@ -24,7 +24,7 @@ import { createSwitchControl } from '../switch/control-server.ts';
 import { StitchMaps, clientLegKey, coreLegKey, openStitchObject } from '../switch/datapath.ts';
 import { ALL_TRANSLATIONS, generateKey, type Datapath, type StitchLegs, type StitchSpec } from '../switch/index.ts';
 import * as native from '../switch/native/index.ts';
-import { nodeCommand } from '../test/hosts.ts';
+import { nodeCommand, type Host } from '../test/hosts.ts';
 import { quantile } from './bed.ts';
 
 const run = promisify(execFile);
@@ -170,5 +170,29 @@ async function throughControl(maps: StitchMaps): Promise<InstallRates['control']
     await sw.close();
     devNull.end();
     for (const i of installed.values()) maps.remove(i);
+  }
+}
+
+/** The switch daemon's CPU share with `n` idle stitches, all settled, and with none (bench/daemon-load.ts). */
+export interface DaemonLoad { n: number; installMs: number; allStitchedMs: number; settled: number; empty: number }
+
+/**
+ * bench/daemon-load.ts in S, once with one stitch and once with a full table, each in a fresh
+ * process, on a veth pair of its own (no traffic; removed after).
+ */
+export async function measureDaemon(s: Host, bpffs: string, seconds = 3): Promise<DaemonLoad[]> {
+  const [iface, addr] = ['pb0', '198.18.250.1'];
+  await s.runOk('ip', ['link', 'add', iface, 'type', 'veth', 'peer', 'name', 'pb1']);
+  try {
+    await s.runOk('ip', ['addr', 'add', `${addr}/24`, 'dev', iface]);
+    await s.runOk('ip', ['link', 'set', iface, 'up']);
+    const out: DaemonLoad[] = [];
+    for (const n of [1, MAX_STITCHES]) {
+      const r = await s.runOk(...nodeCommand('bench/daemon-load.ts', [bpffs, iface, addr, String(n), String(seconds)]), { timeoutMs: 120_000 });
+      out.push(JSON.parse(r.stdout.trim().split('\n').at(-1)!) as DaemonLoad);
+    }
+    return out;
+  } finally {
+    await s.run('ip', ['link', 'del', iface]);
   }
 }

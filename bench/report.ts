@@ -2,7 +2,7 @@
 // then the tables they come from).
 import { DEFAULT_RATE_LIMIT } from '../switch/control-server.ts';
 import type { HandoverRun } from './handover.ts';
-import type { InstallRates } from './installs.ts';
+import type { DaemonLoad, InstallRates } from './installs.ts';
 import type { Rtt } from './rtt.ts';
 import { MODES, type Run } from './throughput.ts';
 import { median, quantile } from './bed.ts';
@@ -16,6 +16,7 @@ export interface Raw {
   rtt?: { routed: Rtt; shellRelay: Rtt; stitched: Rtt };
   handover: HandoverRun[];
   installs?: InstallRates;
+  daemon?: DaemonLoad[];
   errors: string[];
 }
 
@@ -244,6 +245,15 @@ export function render(raw: Raw): { md: string; json: unknown } {
         : `- end to end over the control protocol: failed (${ins.control.error})`,
       `- measured with the control server's rate limit lifted: \`tcp-stitch switch\` keeps its default of ${DEFAULT_RATE_LIMIT.perSecond} requests/s per source address ` +
       `(burst ${DEFAULT_RATE_LIMIT.burst}), so one shell gets at most ten times that many stitches per second (STITCH_MANY) through the CLI switch`, '');
+  } else md.push('Not measured (see errors).', '');
+  md.push('## The switch daemon at a full table', '');
+  if (raw.daemon) {
+    const [one, full] = raw.daemon;
+    md.push('A datapath of its own in S (bench/daemon-load.ts, on a veth without traffic), idle stitches of fake tracked legs whose shell holds nothing, ' +
+      'installed ten per installMany; each is stitched by rule 9 (docs/handover.md) without a packet. The daemon process\'s CPU (user + system) while all are settled, then with none:', '',
+      '| stitches | installed in | all stitched after | CPU, all settled | CPU, none left |', '|---|---|---|---|---|',
+      ...raw.daemon.map((d) => `| ${d.n} | ${f(d.installMs, 0)} ms | ${f(d.allStitchedMs, 0)} ms | ${f(d.settled * 100, 2)} % of a core | ${f(d.empty * 100, 2)} % |`), '',
+      ...(one && full ? [`A full table against one stitch: ${f(full.settled / one.settled)}x the CPU.`, ''] : []));
   } else md.push('Not measured (see errors).', '');
   if (raw.errors.length) md.push('## Errors', '', ...raw.errors.map((e) => `- ${e}`), '');
   return { md: md.join('\n'), json: { ...raw, summary: { ...s, targets: t } } };

@@ -7,7 +7,8 @@
 //                        shell CPU per GiB in phase 2 and 3
 //   bench/rtt.ts         round trip routed / relayed / stitched (test/fixtures/rtt.ts)
 //   bench/handover.ts    stitching loaded connections: handover time, retransmissions, RTOs
-//   bench/installs.ts    stitch installs per second (datapath maps, control protocol)
+//   bench/installs.ts    stitch installs per second (datapath maps, control protocol); the switch
+//                        daemon's CPU at a full table of idle stitches (bench/daemon-load.ts)
 //   bench/diagnose.ts    which half of the drain condition a stuck stitch waits on (switch log)
 //   bench/report.ts      targets table, tables, report.json
 //
@@ -19,7 +20,7 @@ import { join } from 'node:path';
 import { PROJECT_ROOT } from '../test/hosts.ts';
 import { say, startBed, type Bed } from './bed.ts';
 import { measureHandover } from './handover.ts';
-import { measureInstalls } from './installs.ts';
+import { measureDaemon, measureInstalls } from './installs.ts';
 import { render, type Raw } from './report.ts';
 import { measureRtt } from './rtt.ts';
 import { measureThroughput } from './throughput.ts';
@@ -63,6 +64,7 @@ try {
   raw.rtt = await part('round trip', () => measureRtt(b, settings.rttSamples));
   raw.handover = (await part('handover', () => measureHandover(b, settings.handoverRounds, settings.handoverConns, settings.handoverMiB << 20))) ?? [];
   raw.installs = await part('installs', () => measureInstalls(b.topo.bpffs!));
+  raw.daemon = await part('daemon', () => measureDaemon(b.topo.s, b.topo.bpffs!));
 } finally {
   await bed?.close();
 }
