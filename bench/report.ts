@@ -140,7 +140,7 @@ function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
     const iv = verdict(h.idle.p99, 2, 'lower', ' ms', 0, true);
     out.push({ figure: 'handover p99, idle connections (nothing in the shell), decision → phase 3 (shell log)', measured: `${f(h.idle.p99, 0)} ms (p50 ${f(h.idle.p50, 0)} ms, ${h.idle.n} stitches)`, target: '< 2 ms', ...iv, value: h.idle.p99,
       ...(iv.met === false && { why: `${raw.settings.handoverConns} stitched with one request: decision → installed at the switch p50 ${f(h.idle.toSwitchP50, 0)} ms (two STITCH_MANY datagrams, the switch's install code still cold after a few dozen installs), ` +
-        `then rule 9's check 2 ms after the commit, a log line and a NOTIFY per stitch, and the agent's handling of each (docs/handover.md, rule 9)` }) });
+        `then rule 9's check 2 ms after the commit and its confirmation 2 ms after that (a packet racing the check starts a drain), a log line and a NOTIFY per stitch, and the agent's handling of each (docs/handover.md, rule 9)` }) });
   }
   const dv = verdict(h.dpP99, 2, 'lower', ' ms', 2, true);
   out.push({ figure: 'handover p99, datapath drain (first packet after commit → stitched)', measured: `${f(h.dpP99)} ms (p50 ${f(h.dpP50)} ms; ${h.dp.program} of ${h.dp.read} stitches switched on a packet)`, target: '< 2 ms', ...dv, value: h.dpP99,
