@@ -442,9 +442,27 @@ interface Installed {
   slowLogged?: boolean;
   /** Taken over from an earlier daemon: spec has the legs only (offsets 0). */
   adopted?: boolean;
-  /** When the poll set START_STITCHED (rule 9), hrtime ns: not 'stitched' before a read
-   *  IDLE_CONFIRM_MS later says the program still had no packet. */
+  /** When the poll set START_STITCHED (rule 9) and FORCE_STITCHED (rules 8 and 11), hrtime ns: see
+   *  IDLE_CONFIRM_MS. */
   startSetNs?: bigint;
+  forceSetNs?: bigint;
+}
+
+/**
+ * The commit entry's flags as far as the state read at `now` may say 'stitched'. A flag the poll
+ * wrote counts once a read IDLE_CONFIRM_MS later agrees: START_STITCHED if the program still took no
+ * packet (one that came between a poll's read and its write took the flags before it and started a
+ * drain); FORCE_STITCHED if the shell still holds nothing (a run with the flags before it may have
+ * handed it bytes, which the program then lets it relay first).
+ */
+function reportedFlags(inst: Installed, st: StitchStateVal, now: bigint): number {
+  const recent = (t?: bigint) => t !== undefined && now - t < BigInt(IDLE_CONFIRM_MS) * 1_000_000n;
+  let flags = inst.cfg.flags;
+  if (recent(inst.startSetNs)) flags &= ~STITCH_START_STITCHED;
+  if (recent(inst.forceSetNs) || !shellHoldsNothing(inst.cfg, [st.side[0].handed, st.side[1].handed], [st.side[0].ackFar, st.side[1].ackFar])) {
+    flags &= ~STITCH_FORCE_STITCHED;
+  }
+  return flags;
 }
 
 /** The legs of a commit entry (its side[] entries), as a spec without offsets. */
@@ -491,7 +509,9 @@ export const SETTLED_POLL_MS = 100;
 export const BATCH_READ_FROM = 200;
 
 /** Rule 9's check of a fresh stitch waits this long after the commit: any program run that raced
- *  the commit (and handed the shell a packet as an unstitched flow) has updated the tracking. */
+ *  the commit (and handed the shell a packet as an unstitched flow) has updated the tracking. A
+ *  flag the poll writes (START_STITCHED, FORCE_STITCHED) counts only once a read this long after
+ *  the write agrees: any program run that took the flags before it has finished by then. */
 export const IDLE_CONFIRM_MS = 2;
 
 /**
@@ -900,7 +920,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
   const unsettled = new Set<number>();
   for (const inst of adoption.adopted) {
     const st = maps.state(inst.spec.id);
-    if (st) inst.last = statusOf(inst.spec.id, st, inst.cfg.flags);
+    if (st) inst.last = statusOf(inst.spec.id, st, reportedFlags(inst, st, process.hrtime.bigint()));
     installed.set(inst.spec.id, inst);
     unsettled.add(inst.spec.id);
   }
@@ -917,6 +937,14 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
     for (const l of listeners) {
       try { l({ ...s }); } catch (e) { log.error('state listener threw', { err: e }); }
     }
+  };
+
+  const setForce = (inst: Installed) => {
+    try {
+      maps.setFlags(inst, STITCH_FORCE_STITCHED);
+      inst.forceSetNs = process.hrtime.bigint();
+      pollSoon();
+    } catch (e) { log.warn('force-stitched update failed', { id: inst.spec.id, err: e }); }
   };
 
   /** What a poll does with a stitch whose state entry it decoded. */
@@ -956,22 +984,17 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       const waiting = quietDrainDue(inst.cfg, st, q.dataAtMs, nowMs, quietMs);
       if (waiting) {
         log.info('drain gone quiet: stitched without the window half (docs/handover.md, rule 11)', { id, quietStreams: waiting.map((x) => (x === SIDE_CLIENT ? 'client' : 'core')) });
-        try { maps.setFlags(inst, STITCH_FORCE_STITCHED); } catch (e) { log.warn('force-stitched update failed', { id, err: e }); }
+        setForce(inst);
       }
     }
     // Idle connections: the program only acts on packets, so the hold of the drain condition is
     // confirmed here once it has lasted two polls, and the program told to silence the shell.
     if (st.phase !== PHASE_STITCHED && st.phase !== PHASE_FAILED && st.drainOkNs !== 0n &&
         !(inst.cfg.flags & STITCH_FORCE_STITCHED)) {
-      if (inst.drainSeen === st.drainOkNs && now - st.drainOkNs >= 2_000_000n) {
-        try { maps.setFlags(inst, STITCH_FORCE_STITCHED); } catch (e) { log.warn('force-stitched update failed', { id, err: e }); }
-      }
+      if (inst.drainSeen === st.drainOkNs && now - st.drainOkNs >= 2_000_000n) setForce(inst);
       inst.drainSeen = st.drainOkNs;
     }
-    // The flag only counts once a read taken after it still finds no packet: a packet the program
-    // took with the flags before it (between this poll's read and its write) started the drain.
-    const unconfirmed = inst.startSetNs !== undefined && now - inst.startSetNs < BigInt(IDLE_CONFIRM_MS) * 1_000_000n;
-    const s = statusOf(id, st, unconfirmed ? inst.cfg.flags & ~STITCH_START_STITCHED : inst.cfg.flags);
+    const s = statusOf(id, st, reportedFlags(inst, st, now));
     inst.settled = s.state !== 'draining';
     if (inst.settled) unsettled.delete(id); else unsettled.add(id);
     if (!inst.last || inst.last.state !== s.state || inst.last.reason !== s.reason) {
@@ -1105,7 +1128,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       const inst = installed.get(id);
       if (!inst || closed) return undefined;
       const st = maps.state(id);
-      return st && st.gen === inst.gen ? statusOf(id, st, inst.cfg.flags) : inst.last && { ...inst.last };
+      return st && st.gen === inst.gen ? statusOf(id, st, reportedFlags(inst, st, process.hrtime.bigint())) : inst.last && { ...inst.last };
     },
     onStateChange(listener) { listeners.push(listener); },
     stats: () => maps.stats(),

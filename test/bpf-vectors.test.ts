@@ -1012,6 +1012,43 @@ describe('bpf vectors', function () {
     });
   });
 
+  describe('draining: FORCE_STITCHED while the shell still holds bytes', () => {
+    // A busy shell whose far ends have room, as above; the daemon writes FORCE_STITCHED (rules 8 and
+    // 11) after a read that saw the shell holding nothing, and a packet a run with the flags before
+    // it handed the shell is still there. The flag waives the window half, never the first half.
+    let inst: ReturnType<typeof t.maps.install>;
+    before(function () {
+      if (!t.obj) this.skip();
+      busyShell(200);
+      w.shellSent('b', w.ts0.av + 3);
+      w.shellSent('c', w.ts0.ac + 2);
+      w.captureBases();
+      inst = t.maps.install(w.spec, { drain: true });
+    });
+
+    it('draining - under FORCE_STITCHED C\'s bytes below the boundary still go to the shell and its relay passes until B acknowledged them; the next packet stitches', () => {
+      const st = () => t.maps.state(w.id)!;
+      assert.equal(t.run(w.c2a({ seq: w.sC(1000), ack: w.sAc(0), flags: 'PA', win: 300, payload: 100, options: w.ts(w.ts0.c + 6, w.ts0.ac + 2) })).retval, TC_ACT_REDIRECT);
+      assert.equal(st().phase, PHASE_DRAINING, 'the snapshot: B acknowledged 663 of the 1100 client bytes the shell was handed');
+      t.maps.setFlags(inst, STITCH_FORCE_STITCHED);
+      // (C also acknowledges the shell's 200-byte greeting: all the shell holds of B's stream)
+      assert.equal(t.run(w.c2a({ seq: w.sC(1100), ack: w.sAc(200), flags: 'PA', win: 300, payload: 100, options: w.ts(w.ts0.c + 7, w.ts0.ac + 2) })).retval, TC_ACT_REDIRECT);
+      assert.equal(st().phase, PHASE_DRAINING, 'still draining: the shell holds bytes');
+      assert.equal(st().side[SIDE_CLIENT].bytes, 0n, 'C\'s bytes went to the shell, not to B');
+      assert.equal(st().side[SIDE_CLIENT].handed, w.sC(1200));
+      // the shell relays client bytes 400..1199 (core 37..836) to B: passed, not silenced
+      const passed = st().side[SIDE_CORE].shellPassed;
+      assert.equal(t.run(w.a2b({ seq: w.sAv(637), ack: w.sB(0), flags: 'PA', payload: 200, win: 100, options: w.ts(w.ts0.av + 4, w.ts0.b + 3) })).retval, TC_ACT_OK);
+      assert.equal(st().side[SIDE_CORE].shellPassed, passed + 1n, 'the shell\'s relay passed');
+      // B acknowledges all of it: the packet that brings the ack still drains, the next one stitches
+      assert.equal(t.run(w.b2a({ seq: w.sB(0), ack: w.sAv(837), win: 200, options: w.ts(w.ts0.b + 4, w.ts0.av + 4) })).retval, TC_ACT_REDIRECT);
+      assert.equal(st().phase, PHASE_DRAINING);
+      assert.equal(t.run(w.c2a({ seq: w.sC(1200), ack: w.sAc(200), win: 300, options: w.ts(w.ts0.c + 8, w.ts0.ac + 2) })).retval, TC_ACT_REDIRECT);
+      assert.equal(st().phase, PHASE_STITCHED, 'the shell holds nothing: FORCE_STITCHED applies');
+      assert.equal(t.run(w.a2b({ seq: w.sAv(837), ack: w.sB(0), win: 100, options: w.ts(w.ts0.av + 5, w.ts0.b + 4) })).retval, TC_ACT_SHOT, 'the shell silenced');
+    });
+  });
+
   describe('draining: an idle shell (the far ends can take everything)', () => {
     // Before the stitch: C sent 400 bytes (the link's share), the shell acked them, window 100<<9;
     // the shell greeted C with 200 bytes, C acked, window 300<<7; the shell sent B the 37-byte

@@ -64,7 +64,7 @@
 
 /* stitch_cfg.flags */
 #define STITCH_START_STITCHED 0x0001  /* skip the drain: the shell is known to hold nothing */
-#define STITCH_FORCE_STITCHED 0x0002  /* the daemon saw the drain condition held while idle */
+#define STITCH_FORCE_STITCHED 0x0002  /* drain done once the shell holds nothing (rules 8, 11) */
 
 /* stitch_cfg.side[].opts */
 #define SIDE_TS    0x01  /* timestamps negotiated on this leg */

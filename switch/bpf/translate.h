@@ -113,6 +113,17 @@ static __always_inline void term_or(struct stitch_state *st, __u32 bits)
 		stat_inc(ST_STATE_CHANGES);
 }
 
+/* The first half of the drain condition (drain_check): for both streams s, the other far end
+ * acknowledged everything the shell was handed of stream s, so the shell holds nothing. */
+static __always_inline int shell_holds_nothing(const struct stitch_cfg *sc, const struct stitch_state *st)
+{
+#pragma clang loop unroll(full)
+	for (int s = 0; s < 2; s++)
+		if (seq_before(st->side[s ^ 1].ack_far - sc->side[s].seq_delta, st->side[s].handed))
+			return 0;
+	return 1;
+}
+
 /* The first packet after the commit takes the snapshot the drain works from: the boundaries, what
  * the shell was handed, what each far end acked and saw. Boundary of stream s: far s's bytes below
  * it go to the shell; see docs/handover.md, rule 1. */
@@ -121,7 +132,10 @@ static __always_inline __u32 take_snapshot(const struct stitch_cfg *sc, struct s
 	__u32 ph = READ_ONCE32(st->phase), next;
 	struct flow_val *f0, *f1;
 
-	if (ph == PHASE_DRAINING && (sc->flags & STITCH_FORCE_STITCHED)) {
+	/* FORCE_STITCHED waives the window half and the hold, never the first half: a packet a run
+	 * with the flags before it handed to the shell (the daemon decided on an older read) is
+	 * relayed first. */
+	if (ph == PHASE_DRAINING && (sc->flags & STITCH_FORCE_STITCHED) && shell_holds_nothing(sc, st)) {
 		if (phase_cas(st, PHASE_DRAINING, PHASE_STITCHED))
 			st->stitched_ns = now;
 		return PHASE_STITCHED;
@@ -185,21 +199,19 @@ static __always_inline __u32 take_snapshot(const struct stitch_cfg *sc, struct s
  * retransmitted by far s (and reach the shell again if they lie below the boundary). */
 static __always_inline void drain_check(const struct stitch_cfg *sc, struct stitch_state *st, __u64 now)
 {
-	int ok = 1;
+	int ok = shell_holds_nothing(sc, st);
 	__u64 t;
 
 #pragma clang loop unroll(full)
 	for (int s = 0; s < 2; s++) {
 		const struct stitch_state_side *ss = &st->side[s], *so = &st->side[s ^ 1];
-		__u32 d = sc->side[s].seq_delta;
 		/* Edges are ack + (win << scale): the shell's in its units toward far s, the other far
 		 * end's in its own. Short by less than the coarser unit is rounding, and a far end that
 		 * receives nothing (one-way bulk) never moves its edge to close it. */
 		__u32 ws = sc->side[s].ws_shell & 15, wo = sc->side[s ^ 1].ws_far & 15;
 		__u32 slack = 1u << (ws > wo ? ws : wo);
 
-		if (seq_before(so->ack_far - d, ss->handed) ||
-		    seq_before(so->edge_far - d + slack, ss->boundary))
+		if (seq_before(so->edge_far - sc->side[s].seq_delta + slack, ss->boundary))
 			ok = 0;
 	}
 	t = READ_ONCE64(st->drain_ok_ns);
@@ -284,7 +296,7 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 	phase = take_snapshot(sc, st, now);
 	if (phase == PHASE_FAILED)
 		return TC_ACT_OK;
-	draining = phase == PHASE_DRAINING && !(sc->flags & STITCH_FORCE_STITCHED);
+	draining = phase == PHASE_DRAINING;
 	st->last_ns = now;
 	note_termination(sc, st, p, s);
 
@@ -471,8 +483,7 @@ __attribute__((noinline)) int stitch_from_shell(struct __sk_buff *skb, __u32 id,
 		stat_inc(ST_SHELL_PASSED);
 		return TC_ACT_OK;
 	}
-	if (phase != PHASE_DRAINING || (sc->flags & STITCH_FORCE_STITCHED) ||
-	    (p->flags & (TCP_SYN | TCP_RST)) || ((p->flags & TCP_FIN) && !fin))
+	if (phase != PHASE_DRAINING || (p->flags & (TCP_SYN | TCP_RST)) || ((p->flags & TCP_FIN) && !fin))
 		goto drop;
 	fs = leg_flow(sc, s);
 	fo = leg_flow(sc, o);
