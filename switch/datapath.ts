@@ -465,6 +465,15 @@ function reportedFlags(inst: Installed, st: StitchStateVal, now: bigint): number
   return flags;
 }
 
+/** Every field set, in one order: the poll reads 4096 of these per sweep, and objects of one
+ *  shape are read about eight times as fast here as the same made by spreading and adding. */
+function newInstalled(spec: StitchSpec, gen: number, cfg: StitchCfg, keys: [Buffer, Buffer], adopted: boolean): Installed {
+  return {
+    spec, gen, cfg, keys, last: undefined, drainSeen: undefined, installedAt: undefined, settled: false, seen: undefined,
+    quiet: undefined, slowLogged: false, adopted, startSetNs: undefined, forceSetNs: undefined,
+  };
+}
+
 /** The legs of a commit entry (its side[] entries), as a spec without offsets. */
 function specOfCfg(cfg: StitchCfg): StitchSpec {
   const [c, k] = cfg.side;
@@ -655,7 +664,7 @@ export class StitchMaps {
     this.gen = (this.gen + 1) >>> 0 || 1;
     const gen = this.gen;
     const cfg = computeStitchCfg(spec, client!, core!, gen, opts.drain ? 0 : STITCH_START_STITCHED, opts.shellIfindex ?? 0);
-    return { spec, gen, cfg, keys: [encodeFlowKey(ck), encodeFlowKey(kk)] };
+    return newInstalled(spec, gen, cfg, [encodeFlowKey(ck), encodeFlowKey(kk)], false);
   }
 
   private write(list: Installed[]): void {
@@ -734,7 +743,7 @@ export class StitchMaps {
         continue;
       }
       kept.set(cfg.id, cfg.gen);
-      adopted.push({ spec, gen: cfg.gen, cfg, keys, adopted: true });
+      adopted.push(newInstalled(spec, cfg.gen, cfg, keys, true));
     }
     for (const k of this.keys('legs')) {
       const l = native.mapLookup(this.maps.legs, k, LEG_VAL_SIZE);
@@ -1104,7 +1113,9 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
         if (r instanceof Error) return r;
         // Known as installed: the STITCH answer says so, so only a change from here is news.
         const last: StitchStatus = { id: spec.id, state: drain ? 'draining' : 'stitched', packetsClientToCore: 0, packetsCoreToClient: 0, bytesClientToCore: 0, bytesCoreToClient: 0, shellPacketsDropped: 0 };
-        installed.set(spec.id, { ...r, installedAt: now, last });
+        r.installedAt = now;
+        r.last = last;
+        installed.set(spec.id, r);
         unsettled.add(spec.id);
         // The control server logs each install at info; one line per stitch is what a burst of
         // ten thousand a second can afford (winston's JSON costs about a tenth of an install).
