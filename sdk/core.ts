@@ -9,6 +9,7 @@ import { publish } from './diagnostics.ts';
 import { AnswerStatus, checkPreambleHead, decodePreamble, encodeAnswer, PREAMBLE_LENGTH } from './preamble.ts';
 import type { CoreConnection, CoreEvents, CoreHooks } from './types.ts';
 import { finishedBothWays, resetSocket } from './relay.ts';
+import { pendingError } from './splice.ts';
 
 export interface CoreOptions {
   /** Shared secret: when set, only preambles carrying its MAC are accepted. */
@@ -142,6 +143,12 @@ class CoreImpl extends EventEmitter<CoreEvents> implements Core {
     this.#conns.set(conn.id, conn);
     let error: Error | undefined;
     socket.on('error', (err) => { error = err; });
+    // A RST right behind data reads as EOF in Node (libuv): the kernel still holds the reset. The
+    // stream then emits it as 'error' right after 'end' (this listener runs before the runtime's).
+    socket.once('end', () => {
+      const err = pendingError(socket);
+      if (err) socket.destroy(err);
+    });
     socket.on('close', () => {
       this.#conns.delete(conn.id);
       // Both FINs exchanged is 'fin'; an error from the peer is 'reset'; anything else the runtime ended.

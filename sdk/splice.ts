@@ -70,15 +70,23 @@ const errnoName = (n: number) => Object.entries(constants.errno).find(([, v]) =>
 /** An Error shaped like Node's own socket errors (code, negative errno) for a kernel errno. */
 const errnoError = (what: string, n: number) => Object.assign(new Error(`${what} ${errnoName(n)}`), { code: errnoName(n), errno: -n });
 
+/** Errors pendingError found: reading SO_ERROR clears it, and more than one owner may ask. */
+const foundErrors = new WeakMap<Socket, Error>();
+
 /**
  * The reset or error s holds that Node has not reported, or null (also without the addon). libuv
  * reports a reset that arrives right behind data as EOF (its POLLHUP shortcut after a partial read);
- * the kernel still holds ECONNRESET for the socket.
+ * the kernel still holds ECONNRESET for the socket. Once found, the same error on every later call.
  */
 export function pendingError(s: Socket): Error | null {
+  const known = foundErrors.get(s);
+  if (known) return known;
   const fd = handleOf(s)?.fd ?? -1;
   const errno = fd >= 0 ? load()?.socketError(fd) ?? 0 : 0;
-  return errno ? errnoError('read', errno) : null;
+  if (!errno) return null;
+  const err = errnoError('read', errno);
+  foundErrors.set(s, err);
+  return err;
 }
 
 export function spliceRelay(a: Socket, b: Socket, cb: RelayCallbacks): Relay {

@@ -65,7 +65,8 @@ export interface CoreEvents {
   /**
    * 'fin': both directions ended with a FIN (also when relay() moved them in the kernel); 'reset': a
    * RST or error from the peer; 'destroyed': the runtime ended it. A RST right behind data reads as
-   * a FIN in Node (libuv) unless relay() moves the stream: relay() asks the kernel.
+   * EOF in Node (libuv): the core asks the kernel at 'end', so the stream emits the reset as 'error'
+   * (ECONNRESET) right after 'end', and this reports 'reset' (relay() passes it on as a reset).
    */
   'connection:close': [{ id: string; reason: 'fin' | 'reset' | 'destroyed'; error?: Error }];
   'core-leg:reject': [CoreLegRejectMessage];

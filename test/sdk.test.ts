@@ -102,6 +102,28 @@ describe('sdk (loopback)', function () {
     await Promise.all([socketClosed(c), socketClosed(bside)]);
   });
 
+  it('sdk - RST right behind data from the client: the core\'s stream gets the data, then the reset as an error, and reports a reset', async () => {
+    // Node alone reads data followed by a RST as data then EOF (libuv's POLLHUP shortcut): the core
+    // asks the kernel. Rounds, since the two must reach the core leg before its reader wakes.
+    for (let i = 0; i < 20; i++) {
+      const coreClosed = events<{ reason: string }>(b.core, 'connection:close');
+      const { c, bside } = await pair(b);
+      const got: Buffer[] = [];
+      bside.on('data', (d: Buffer) => got.push(d));
+      // the reset is emitted right after 'end' (next tick), so one loop turn later it has come or never will
+      const ended = new Promise<string>((res) => {
+        bside.once('error', (e: NodeJS.ErrnoException) => res(e.code ?? 'error'));
+        bside.once('end', () => setImmediate(() => res('EOF and no error')));
+      });
+      c.write('request');
+      c.resetAndDestroy();
+      assert.equal(await ended, 'ECONNRESET', `round ${i}`);
+      assert.equal((await coreClosed)[0].reason, 'reset', `round ${i}`);
+      assert.ok(Buffer.concat(got).toString() === 'request' || got.length === 0, `round ${i}: the data, or nothing if the reset overtook it`);
+      await Promise.all([socketClosed(c), socketClosed(bside)]);
+    }
+  });
+
   it('sdk - RST from the core reaches the client as a reset; both sides told', async () => {
     const closed = events<ConnectionCloseMessage>(b.shell, 'connection:close');
     const coreClosed = events<{ reason: string }>(b.core, 'connection:close');
