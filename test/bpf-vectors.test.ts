@@ -715,6 +715,15 @@ describe('bpf vectors', function () {
     return ok;
   };
 
+  /** busyShell with room at B (window 200<<10), installed to drain. */
+  const roomyShell = () => {
+    busyShell(200);
+    w.shellSent('b', w.ts0.av + 3);
+    w.shellSent('c', w.ts0.ac + 2);
+    w.captureBases();
+    return t.maps.install(w.spec, { drain: true });
+  };
+
   describe('draining: the handover (switch at once)', () => {
     // Before the stitch (a busy shell): C sent client bytes 0..999 (the shell acked all, window
     // 200<<9); the shell relayed 400..999 to B after a 37-byte preamble (core bytes 0..636); B acked
@@ -995,11 +1004,7 @@ describe('bpf vectors', function () {
     // now would wait at B, out of order, for the shell's backlog.
     before(function () {
       if (!t.obj) this.skip();
-      busyShell(200);
-      w.shellSent('b', w.ts0.av + 3);
-      w.shellSent('c', w.ts0.ac + 2);
-      w.captureBases();
-      t.maps.install(w.spec, { drain: true });
+      roomyShell();
     });
 
     it('draining - C\'s boundary is the shell\'s advertised edge while B has not acknowledged what the shell was handed, however wide B\'s window', () => {
@@ -1019,11 +1024,7 @@ describe('bpf vectors', function () {
     let inst: ReturnType<typeof t.maps.install>;
     before(function () {
       if (!t.obj) this.skip();
-      busyShell(200);
-      w.shellSent('b', w.ts0.av + 3);
-      w.shellSent('c', w.ts0.ac + 2);
-      w.captureBases();
-      inst = t.maps.install(w.spec, { drain: true });
+      inst = roomyShell();
     });
 
     it('draining - under FORCE_STITCHED C\'s bytes below the boundary still go to the shell and its relay passes until B acknowledged them; the next packet stitches', () => {
