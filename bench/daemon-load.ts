@@ -5,10 +5,10 @@
 // all N settled, then over SECONDS with none. Prints one JSON line.
 //   node --import tsx bench/daemon-load.ts BPFFS IFACE SHELL_ADDR N SECONDS
 import { join } from 'node:path';
-import { FLOW_DIR_SIZE, FLOW_SYN, FLOW_VAL_SIZE, encodeFlowKey } from '../switch/bpf/layout.ts';
+import { encodeFlowKey } from '../switch/bpf/layout.ts';
 import { clientLegKey, coreLegKey, createEbpfDatapath, persistentPinName } from '../switch/datapath.ts';
 import * as native from '../switch/native/index.ts';
-import { legs } from './installs.ts';
+import { legs, trackedFlow } from './installs.ts';
 
 const [bpffs, iface, shell, nArg, secondsArg] = process.argv.slice(2) as [string, string, string, string, string];
 const n = Number(nArg), ms = Number(secondsArg) * 1000;
@@ -17,18 +17,10 @@ const dp = await createEbpfDatapath({ shellIface: iface, ifaces: [iface], bpffs 
 const flows = native.objGet(join(bpffs, persistentPinName(iface), 'maps', 'flows'));
 // Both handshakes seen, and the shell holds nothing: C handed it 1000 bytes, which B acknowledged
 // (+64, the preamble); B handed it 2000, which C acknowledged (-8, the answer).
-const flow = (seqHi: number, ackHi: number) => {
-  const v = Buffer.alloc(FLOW_VAL_SIZE);
-  v[45] = FLOW_SYN;
-  v[FLOW_DIR_SIZE + 45] = FLOW_SYN;
-  v.writeUInt32LE(seqHi, FLOW_DIR_SIZE + 4);
-  v.writeUInt32LE(ackHi, FLOW_DIR_SIZE + 8);
-  return v;
-};
 const specs = Array.from({ length: n }, (_, i) => ({ id: i + 1, ...legs(i, shell) }));
 for (const s of specs) {
-  native.mapUpdate(flows, encodeFlowKey(clientLegKey(s)), flow(1000, 1992));
-  native.mapUpdate(flows, encodeFlowKey(coreLegKey(s)), flow(2000, 1064));
+  native.mapUpdate(flows, encodeFlowKey(clientLegKey(s)), trackedFlow(1000, 1992));
+  native.mapUpdate(flows, encodeFlowKey(coreLegKey(s)), trackedFlow(2000, 1064));
 }
 
 const keepAlive = setInterval(() => undefined, 1000); // the datapath's timers are unref'd

@@ -48,11 +48,14 @@ export function legs(i: number, shell: string): StitchLegs {
   };
 }
 
-/** A `flows` entry saying both handshakes of the leg were seen (all the install checks). */
-function trackedFlow(): Buffer {
+/** A `flows` entry saying both handshakes of the leg were seen (all the install checks), and that
+ *  the far end sent up to seqHi and acknowledged up to ackHi. */
+export function trackedFlow(seqHi = 0, ackHi = 0): Buffer {
   const v = Buffer.alloc(FLOW_VAL_SIZE);
   v[45] = FLOW_SYN; // dir[0].flags (the shell's direction)
   v[FLOW_DIR_SIZE + 45] = FLOW_SYN; // dir[1].flags (the far end's)
+  v.writeUInt32LE(seqHi, FLOW_DIR_SIZE + 4); // dir[1].seq_hi
+  v.writeUInt32LE(ackHi, FLOW_DIR_SIZE + 8); // dir[1].ack_hi
   return v;
 }
 

@@ -432,8 +432,6 @@ interface InstallOptions { drain: boolean; shellIfindex?: number }
 interface Installed {
   spec: StitchSpec; gen: number; cfg: StitchCfg; keys: [Buffer, Buffer]; last?: StitchStatus; drainSeen?: bigint;
   installedAt?: number;
-  /** No longer draining: read only at the settled sweep (SETTLED_POLL_MS). */
-  settled?: boolean;
   /** The entry's phase and end bits when it was last decoded. */
   seen?: { phase: number; term: number };
   /** While draining: per stream, what its sender had sent when last seen changed, and when (rule 11). */
@@ -469,10 +467,13 @@ function reportedFlags(inst: Installed, st: StitchStateVal, now: bigint): number
  *  shape are read about eight times as fast here as the same made by spreading and adding. */
 function newInstalled(spec: StitchSpec, gen: number, cfg: StitchCfg, keys: [Buffer, Buffer], adopted: boolean): Installed {
   return {
-    spec, gen, cfg, keys, last: undefined, drainSeen: undefined, installedAt: undefined, settled: false, seen: undefined,
+    spec, gen, cfg, keys, last: undefined, drainSeen: undefined, installedAt: undefined, seen: undefined,
     quiet: undefined, slowLogged: false, adopted, startSetNs: undefined, forceSetNs: undefined,
   };
 }
+
+/** Where stats.stateChanges sits in each CPU's row of counters. */
+const STATE_CHANGES_AT = STATS.indexOf('stateChanges') * 8;
 
 /** The legs of a commit entry (its side[] entries), as a spec without offsets. */
 function specOfCfg(cfg: StitchCfg): StitchSpec {
@@ -781,8 +782,7 @@ export class StitchMaps {
   stateChanges(): bigint {
     const v = this.statsRaw();
     let n = 0n;
-    const at = STATS.indexOf('stateChanges') * 8;
-    for (let o = at; v && o < v.length; o += STATS_COUNT * 8) n += v.readBigUInt64LE(o);
+    for (let o = STATE_CHANGES_AT; v && o < v.length; o += STATS_COUNT * 8) n += v.readBigUInt64LE(o);
     return n;
   }
 }
@@ -1005,8 +1005,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       inst.drainSeen = st.drainOkNs;
     }
     const s = statusOf(id, st, reportedFlags(inst, st, now));
-    inst.settled = s.state !== 'draining';
-    if (inst.settled) unsettled.delete(id); else unsettled.add(id);
+    if (s.state === 'draining') unsettled.add(id); else unsettled.delete(id);
     if (!inst.last || inst.last.state !== s.state || inst.last.reason !== s.reason) {
       log.info('stitch state', { id, state: s.state, reason: s.reason });
       inst.last = s;
@@ -1033,12 +1032,13 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
     }
     const visit = (id: number, raw: Buffer, off: number) => {
       const inst = installed.get(id);
-      if (!inst || (inst.settled && !sweep)) return;
+      const settled = !unsettled.has(id);
+      if (!inst || (settled && !sweep)) return;
       const head = peekStitchState(raw, off);
       if (head.gen !== inst.gen) return;
       // A settled stitch whose phase and end bits are what they were: nothing to do, nothing to
       // decode (1-4 us an entry here; a full table has 4096).
-      if (inst.settled && head.phase === inst.seen?.phase && head.term === inst.seen.term) return;
+      if (settled && head.phase === inst.seen?.phase && head.term === inst.seen.term) return;
       examine(id, inst, decodeStitchState(off === 0 ? raw : raw.subarray(off, off + STITCH_STATE_SIZE)), now, nowMs);
     };
     // Many due: one batch read of the whole table (about 1.2 ms for 4096 entries here) instead of
