@@ -457,7 +457,7 @@ function reportedFlags(inst: Installed, st: StitchStateVal, now: bigint): number
   const recent = (t?: bigint) => t !== undefined && now - t < BigInt(IDLE_CONFIRM_MS) * 1_000_000n;
   let flags = inst.cfg.flags;
   if (recent(inst.startSetNs)) flags &= ~STITCH_START_STITCHED;
-  if (recent(inst.forceSetNs) || !shellHoldsNothing(inst.cfg, [st.side[0].handed, st.side[1].handed], [st.side[0].ackFar, st.side[1].ackFar])) {
+  if (recent(inst.forceSetNs) || !drainedOf(inst.cfg, st)) {
     flags &= ~STITCH_FORCE_STITCHED;
   }
   return flags;
@@ -537,6 +537,11 @@ function shellHoldsNothing(cfg: StitchCfg, handed: [number, number], ackFar: [nu
   return true;
 }
 
+/** shellHoldsNothing on the program's state entry (its snapshot, moved on by the packets since). */
+function drainedOf(cfg: StitchCfg, st: StitchStateVal): boolean {
+  return shellHoldsNothing(cfg, [st.side[0].handed, st.side[1].handed], [st.side[0].ackFar, st.side[1].ackFar]);
+}
+
 /** Rule 8's window half for stream s: the other far end's window covers the shell's edge. */
 function windowCovers(cfg: StitchCfg, st: StitchStateVal, s: 0 | 1): boolean {
   const o = s ^ 1;
@@ -551,7 +556,7 @@ function windowCovers(cfg: StitchCfg, st: StitchStateVal, s: 0 | 1): boolean {
  */
 export function quietDrainDue(cfg: StitchCfg, st: StitchStateVal, dataAtMs: [number, number], nowMs: number, quietMs: number): Array<0 | 1> | undefined {
   if (st.phase !== PHASE_DRAINING || st.drainOkNs !== 0n || (cfg.flags & STITCH_FORCE_STITCHED)) return undefined;
-  if (!shellHoldsNothing(cfg, [st.side[0].handed, st.side[1].handed], [st.side[0].ackFar, st.side[1].ackFar])) return undefined;
+  if (!drainedOf(cfg, st)) return undefined;
   const waiting = ([0, 1] as const).filter((s) => !windowCovers(cfg, st, s));
   return waiting.length > 0 && waiting.every((s) => nowMs - dataAtMs[s] >= quietMs) ? waiting : undefined;
 }
