@@ -11,12 +11,14 @@ const HELP: Record<string, string> = {
   core: `tcp-stitch core --listen HOST:PORT --forward HOST:PORT [--key-file PATH]
   The core process: accepts core legs from the shell and hands each logical connection to the local
   backend at --forward. With --key-file, only core legs authenticated with that key are accepted.`,
-  shell: `tcp-stitch shell --listen HOST:PORT --core HOST:PORT [--switch auto|off|combined|HOST:PORT]
+  shell: `tcp-stitch shell --listen HOST:PORT --core HOST:PORT [--plain-core] [--switch auto|off|combined|HOST:PORT]
                  [--key-file PATH] [--policy PATH] [--control PATH] [--iface IFNAME]
   The shell process with its agent: accepts external clients at --listen and carries each to the core
-  at --core. --switch picks how the switch is found (default auto: one-hop discovery); --policy names
-  a JSON policy file (docs/policy.schema.json); --control the local control socket
-  (default ${defaultControlPath('shell')}).`,
+  at --core. --plain-core: the core is an unmodified TCP server, not \`tcp-stitch core\`; each core leg
+  carries the client's bytes from the first, without preamble or answer (the server sees the shell's
+  address, and --key-file then only keys the switch). --switch picks how the switch is found (default
+  auto: one-hop discovery); --policy names a JSON policy file (docs/policy.schema.json); --control the
+  local control socket (default ${defaultControlPath('shell')}).`,
   switch: `tcp-stitch switch --shell-iface IFNAME [--key-file PATH] [--control PATH] [--no-datapath]
                   [--bpffs PATH]
   The reference switch: discovery responder on the shell-facing interface, authenticated control
@@ -111,7 +113,8 @@ async function cmdShell(v: Values): Promise<number> {
     const keys = await loadKeyFile(keyFile);
     return { keys, coreKey: keys[0].secret };
   })() : { keys: undefined, coreKey: undefined };
-  const shell = createShell({ core: coreAt, logger: log, coreKey });
+  const plainCore = v['plain-core'] === true;
+  const shell = createShell({ core: coreAt, logger: log, plainCore, coreKey: plainCore ? undefined : coreKey });
   const { createAgent, parseSwitchMode } = await import('../agent/index.ts');
   const agent = createAgent({
     shell, logger: log, core: coreAt, keys, controlPath,
@@ -125,7 +128,7 @@ async function cmdShell(v: Values): Promise<number> {
   await listenOn(server, listen, '--listen');
   const stopControl = await serveControl(controlPath, (req) => agent.control(req));
   await agent.start();
-  log.info('shell listening', { listen, core: coreAt, control: controlPath });
+  log.info('shell listening', { listen, core: coreAt, plainCore, control: controlPath });
   return untilSignal(log, async () => {
     server.close();
     await stopControl();
@@ -190,7 +193,7 @@ async function cmdKeygen(): Promise<number> {
 
 const OPTIONS: Record<string, ParseArgsConfig['options']> = {
   core: { listen: { type: 'string' }, forward: { type: 'string' }, 'key-file': { type: 'string' } },
-  shell: { listen: { type: 'string' }, core: { type: 'string' }, switch: { type: 'string' }, 'key-file': { type: 'string' },
+  shell: { listen: { type: 'string' }, core: { type: 'string' }, 'plain-core': { type: 'boolean' }, switch: { type: 'string' }, 'key-file': { type: 'string' },
     policy: { type: 'string' }, control: { type: 'string' }, iface: { type: 'string' } },
   switch: { 'shell-iface': { type: 'string' }, 'key-file': { type: 'string' }, control: { type: 'string' }, 'no-datapath': { type: 'boolean' },
     bpffs: { type: 'string' } },

@@ -1,5 +1,6 @@
 // The shell side: attach an external TCP socket as a logical connection, open its core leg (preamble
 // written right after net.connect, DATAPATH-FACTS), wait for the core's answer, then relay (phase 2).
+// A plain core (an unmodified TCP server) gets neither preamble nor answer: the relay starts at connect.
 // The stitch (phase 3) is driven by the agent through `setStitcher`.
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
@@ -17,6 +18,12 @@ export interface ShellOptions {
   core: { host: string; port: number };
   /** Shared secret authenticating core-leg preambles; the core must hold the same one. */
   coreKey?: Buffer;
+  /**
+   * The core is an unmodified TCP server, not an SDK core: the core leg carries the client's stream
+   * from its first byte, with no preamble and no answer (docs/core-leg.md). The server sees the
+   * shell's address as its peer and learns nothing about the client; there is no coreKey.
+   */
+  plainCore?: boolean;
   logger?: Logger;
   hooks?: ShellHooks;
   /** Give up opening a core leg after this long (default 5000 ms). */
@@ -90,6 +97,9 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
     if (opts.coreKey !== undefined && (!Buffer.isBuffer(opts.coreKey) || opts.coreKey.length < 16)) {
       throw new InvalidArgumentError('coreKey must be a Buffer of at least 16 bytes');
     }
+    if (opts.plainCore && opts.coreKey !== undefined) {
+      throw new InvalidArgumentError('coreKey authenticates the core-leg preamble, which a plainCore does not get: give one or the other');
+    }
     this.#log = componentLogger('shell', opts.logger);
   }
 
@@ -115,33 +125,42 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
 
   #openCoreLeg(conn: Connection) {
     const { host, port } = this.opts.core;
+    const plain = this.opts.plainCore === true;
+    const timeoutMs = this.opts.coreConnectTimeoutMs ?? 5000;
     const leg = net.connect({ host, port, allowHalfOpen: true, noDelay: true });
     conn.leg = leg;
     // Written before 'connect' so it precedes anything else on the leg.
-    leg.write(encodePreamble({ connectionId: conn.id, clientOffset: 0n, shellOffset: 0n, client: conn.client, shell: conn.shell }, this.opts.coreKey));
-    leg.setTimeout(this.opts.coreConnectTimeoutMs ?? 5000, () => leg.destroy(new Error(`no answer from the core at ${host}:${port} within ${this.opts.coreConnectTimeoutMs ?? 5000} ms`)));
+    if (!plain) leg.write(encodePreamble({ connectionId: conn.id, clientOffset: 0n, shellOffset: 0n, client: conn.client, shell: conn.shell }, this.opts.coreKey));
+    leg.setTimeout(timeoutMs, () => leg.destroy(new Error(`${plain ? 'no connection to' : 'no answer from'} the core at ${host}:${port} within ${timeoutMs} ms`)));
+    const early = () => {
+      leg.off('connect', onConnect); leg.off('data', onData); leg.off('error', onEarly); leg.off('end', onEarlyEnd); conn.socket.off('error', onClientEarly);
+      leg.setTimeout(0);
+      leg.pause();
+    };
+    /** The core took the leg; `rest` is what it sent right behind its answer. */
+    const accepted = (rest: Buffer, reason: string) => {
+      conn.coreLeg = { local: { address: ipv4(leg.localAddress)!, port: leg.localPort! }, core: { address: ipv4(leg.remoteAddress)!, port: leg.remotePort! } };
+      if (rest.length) { conn.written.ba += rest.length; conn.socket.write(rest); }
+      this.#event(conn, 'core-accepted', reason);
+      this.#startRelay(conn, leg);
+    };
+    const onConnect = () => { early(); accepted(Buffer.alloc(0), 'the plain core accepted the TCP connection'); };
     let head = Buffer.alloc(0);
     const onData = (chunk: Buffer) => {
       head = Buffer.concat([head, chunk]);
       if (head.length < ANSWER_LENGTH) return;
-      leg.off('data', onData); leg.off('error', onEarly); leg.off('end', onEarlyEnd); conn.socket.off('error', onClientEarly);
-      leg.setTimeout(0);
-      leg.pause();
+      early();
       let status: number;
       try { status = decodeAnswer(head); } catch (err) { return this.#fail(conn, 'core-protocol', err as Error); }
       if (status !== AnswerStatus.ACCEPT) {
         return this.#fail(conn, 'core-refused', new PreambleError(`the core refused the connection: ${answerStatusName(status)}`));
       }
-      conn.coreLeg = { local: { address: ipv4(leg.localAddress)!, port: leg.localPort! }, core: { address: ipv4(leg.remoteAddress)!, port: leg.remotePort! } };
-      const rest = head.subarray(ANSWER_LENGTH);
-      if (rest.length) { conn.written.ba += rest.length; conn.socket.write(rest); }
-      this.#event(conn, 'core-accepted', 'the core accepted the core leg');
-      this.#startRelay(conn, leg);
+      accepted(head.subarray(ANSWER_LENGTH), 'the core accepted the core leg');
     };
     const onEarly = (err: Error) => this.#fail(conn, 'core-unreachable', err);
     const onEarlyEnd = () => this.#fail(conn, 'core-protocol', new PreambleError('the core closed the core leg before answering'));
     const onClientEarly = (err: Error) => this.#finish(conn, 'client-reset', err);
-    leg.on('data', onData);
+    if (plain) leg.on('connect', onConnect); else leg.on('data', onData);
     leg.on('error', onEarly);
     leg.on('end', onEarlyEnd);
     conn.socket.on('error', onClientEarly);
@@ -224,7 +243,9 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
     try {
       await this.#stitcher({
         connection: conn,
-        mapping: { clientOffset: 0n, corePreambleLength: PREAMBLE_LENGTH, shellOffset: 0n, coreAnswerLength: ANSWER_LENGTH },
+        mapping: this.opts.plainCore
+          ? { clientOffset: 0n, corePreambleLength: 0, shellOffset: 0n, coreAnswerLength: 0 }
+          : { clientOffset: 0n, corePreambleLength: PREAMBLE_LENGTH, shellOffset: 0n, coreAnswerLength: ANSWER_LENGTH },
         end,
       });
     } catch (err) {

@@ -28,7 +28,8 @@ export function waitForLine(child: ChildProcess, re: RegExp, timeoutMs = 20000):
 
 export interface Segmented {
   shell: ChildProcess;
-  core: ChildProcess;
+  /** `tcp-stitch core`; none with plainCore (the shell's core legs go straight to the backend). */
+  core?: ChildProcess;
   backend: ChildProcess;
   controlPath: string;
   /** The shell's external address, as C reaches it. */
@@ -84,25 +85,29 @@ export async function startSwitch(topo: Topology, args: string[]): Promise<Runni
  * iperf3 server, or a static HTTP server over `httpRoot`),
  * core on B and shell on A. Readiness is waited for on the listeners, never by sleeping.
  */
-export async function startSegmented(topo: Topology, opts: ({ backend: 'echo' | 'peer' | 'iperf3' } | { backend: 'http'; httpRoot: string }) & { coreArgs?: string[]; shellScript?: string }, shellArgs: string[] = ['--switch', 'off']): Promise<Segmented> {
+export async function startSegmented(topo: Topology, opts: ({ backend: 'echo' | 'peer' | 'iperf3' } | { backend: 'http'; httpRoot: string }) & { coreArgs?: string[]; shellScript?: string; plainCore?: boolean }, shellArgs: string[] = ['--switch', 'off']): Promise<Segmented> {
   const { a, b } = topo;
+  // Behind a core the backend listens on B's loopback; as a plain core, on B's address.
+  const at = opts.plainCore ? b.addr : '127.0.0.1';
   const backend = opts.backend === 'http'
-    ? b.spawn('python3', ['-m', 'http.server', String(BACKEND_PORT), '--bind', '127.0.0.1', '--directory', opts.httpRoot], { stdio: ['ignore', 'pipe', 'pipe'] })
+    ? b.spawn('python3', ['-m', 'http.server', String(BACKEND_PORT), '--bind', at, '--directory', opts.httpRoot], { stdio: ['ignore', 'pipe', 'pipe'] })
     : opts.backend === 'iperf3'
-      ? b.spawn('iperf3', ['-s', '-p', String(BACKEND_PORT), '-B', '127.0.0.1'], { stdio: ['ignore', 'pipe', 'pipe'] })
+      ? b.spawn('iperf3', ['-s', '-p', String(BACKEND_PORT), '-B', at], { stdio: ['ignore', 'pipe', 'pipe'] })
       : opts.backend === 'echo'
-      ? nodeInNs(b, 'test/fixtures/echo-backend.ts', ['127.0.0.1', String(BACKEND_PORT)], { stdio: ['ignore', 'pipe', 'pipe'] })
-      : nodeInNs(b, 'test/fixtures/peer.ts', ['listen', '127.0.0.1', String(BACKEND_PORT)], { stdio: ['pipe', 'pipe', 'pipe'] });
+      ? nodeInNs(b, 'test/fixtures/echo-backend.ts', [at, String(BACKEND_PORT)], { stdio: ['ignore', 'pipe', 'pipe'] })
+      : nodeInNs(b, 'test/fixtures/peer.ts', ['listen', at, String(BACKEND_PORT)], { stdio: ['pipe', 'pipe', 'pipe'] });
   const logs = { shell: [] as string[], core: [] as string[] };
-  const core = nodeInNs(b, 'bin/tcp-stitch.js', ['core', '--listen', `${b.addr}:${CORE_PORT}`, '--forward', `127.0.0.1:${BACKEND_PORT}`, ...(opts.coreArgs ?? [])], { stdio: ['ignore', 'pipe', 'pipe'] });
-  collect(core, logs.core);
+  const core = opts.plainCore ? undefined
+    : nodeInNs(b, 'bin/tcp-stitch.js', ['core', '--listen', `${b.addr}:${CORE_PORT}`, '--forward', `127.0.0.1:${BACKEND_PORT}`, ...(opts.coreArgs ?? [])], { stdio: ['ignore', 'pipe', 'pipe'] });
+  if (core) collect(core, logs.core);
+  const coreAt = opts.plainCore ? [`${b.addr}:${BACKEND_PORT}`, '--plain-core'] : [`${b.addr}:${CORE_PORT}`];
   const controlPath = `/run/${topo.id}-shell.sock`;
   // shellScript: a runtime of its own instead of `tcp-stitch shell` (same --listen/--core, plus shellArgs).
   const shell = opts.shellScript
-    ? nodeInNs(a, opts.shellScript, ['--listen', `${a.addr}:${SHELL_PORT}`, '--core', `${b.addr}:${CORE_PORT}`, ...shellArgs], { stdio: ['ignore', 'pipe', 'pipe'] })
-    : nodeInNs(a, 'bin/tcp-stitch.js', ['shell', '--listen', `${a.addr}:${SHELL_PORT}`, '--core', `${b.addr}:${CORE_PORT}`, '--control', controlPath, ...shellArgs], { stdio: ['ignore', 'pipe', 'pipe'] });
+    ? nodeInNs(a, opts.shellScript, ['--listen', `${a.addr}:${SHELL_PORT}`, '--core', ...coreAt, ...shellArgs], { stdio: ['ignore', 'pipe', 'pipe'] })
+    : nodeInNs(a, 'bin/tcp-stitch.js', ['shell', '--listen', `${a.addr}:${SHELL_PORT}`, '--core', ...coreAt, '--control', controlPath, ...shellArgs], { stdio: ['ignore', 'pipe', 'pipe'] });
   collect(shell, logs.shell);
-  await Promise.all([b.waitForListen(BACKEND_PORT), b.waitForListen(CORE_PORT), a.waitForListen(SHELL_PORT)]);
+  await Promise.all([b.waitForListen(BACKEND_PORT), ...(core ? [b.waitForListen(CORE_PORT)] : []), a.waitForListen(SHELL_PORT)]);
   return { shell, core, backend, controlPath, shellAddr: a.addr, logs };
 }
 

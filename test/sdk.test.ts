@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { once } from 'node:events';
-import { createShell, createCore, relay, type Shell, type Core, type CoreConnection, type ConnectionCloseMessage } from '../sdk/index.ts';
+import { createShell, createCore, relay, InvalidArgumentError, type Shell, type Core, type CoreConnection, type ConnectionCloseMessage, type StitchTarget } from '../sdk/index.ts';
 import { encodePreamble } from '../sdk/preamble.ts';
 import { activeResources, projectTimers, closed as socketClosed, connect, drain, events, listen, payload, send, sha256 } from './helpers.ts';
 import winston from 'winston';
@@ -35,20 +35,24 @@ async function pair(b: Bed): Promise<{ c: net.Socket; bside: net.Socket; id: str
   return { c, bside: conn.stream, id: conn.id };
 }
 
+/** Every socket, server and timer a test opened is gone once all close events fired. */
+async function assertNothingLeft(baseline: Record<string, number>) {
+  // 'close' events fire before libuv's close callbacks run; one loop turn lets those finish.
+  await new Promise((r) => setImmediate(r));
+  const now = activeResources();
+  assert.deepEqual(projectTimers(), [], 'timers left pending by the SDK');
+  for (const k of ['TCPSocketWrap', 'TCPServerWrap']) {
+    assert.equal(now[k] ?? 0, baseline[k] ?? 0, `leaked ${k}: ${JSON.stringify(now)} vs ${JSON.stringify(baseline)}`);
+  }
+}
+
 describe('sdk (loopback)', function () {
   let b: Bed;
   let baseline: Record<string, number>;
   beforeEach(async () => { projectTimers(); baseline = activeResources(); b = await bed(); });
   afterEach(async function () {
     await b.close();
-    // 'close' events fire before libuv's close callbacks run; one loop turn lets those finish.
-    await new Promise((r) => setImmediate(r));
-    // Every socket, server and timer the test opened is gone once all close events fired.
-    const now = activeResources();
-    assert.deepEqual(projectTimers(), [], 'timers left pending by the SDK');
-    for (const k of ['TCPSocketWrap', 'TCPServerWrap']) {
-      assert.equal(now[k] ?? 0, baseline[k] ?? 0, `leaked ${k}: ${JSON.stringify(now)} vs ${JSON.stringify(baseline)}`);
-    }
+    await assertNothingLeft(baseline);
   });
 
   it('sdk - bytes flow both ways, byte-exact, through a core leg', async () => {
@@ -262,5 +266,79 @@ describe('sdk (loopback)', function () {
     b.shell.destroy();
     for (const e of errs) assert.equal(((await e)[0] as NodeJS.ErrnoException).code, 'ECONNRESET');
     await Promise.all([socketClosed(c), socketClosed(bside)]);
+  });
+});
+
+// A plain core: the shell's core leg goes straight to an unmodified TCP server (no preamble, no
+// answer), which is what lets a stitched connection end in the backend itself.
+describe('sdk - plain core (loopback)', function () {
+  let baseline: Record<string, number>;
+  let shell: Shell, server: net.Server, backend: net.Server;
+  let port: number, backendPort: number;
+  const accepted: net.Socket[] = [];
+  beforeEach(async () => {
+    projectTimers(); baseline = activeResources();
+    accepted.length = 0;
+    // The backend greets first, as SMTP or SSH servers do: its greeting must reach the client.
+    backend = net.createServer({ allowHalfOpen: true }, (s) => { accepted.push(s); s.write('hello\n'); backend.emit('leg', s); });
+    backendPort = await listen(backend);
+    shell = createShell({ core: { host: '127.0.0.1', port: backendPort }, plainCore: true, logger: quiet });
+    server = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (s) => shell.attach(s));
+    port = await listen(server);
+  });
+  afterEach(async () => {
+    const done = Promise.all([new Promise((r) => server.close(r)), new Promise((r) => backend.close(r))]);
+    shell.destroy();
+    for (const s of accepted) s.destroy();
+    await done;
+    await assertNothingLeft(baseline);
+  });
+
+  it('plain core - the server gets the client\'s bytes from the first one, its greeting and replies reach the client, byte-exact', async () => {
+    const leg = events<net.Socket>(backend, 'leg');
+    const relaying = events(shell, 'connection:phase');
+    const c = await connect(port);
+    const [[bside]] = await Promise.all([leg, relaying]);
+    // The server's peer is the shell's side of the core leg, as for any TCP client.
+    assert.equal(shell.connections()[0]?.coreLeg?.local.port, bside!.remotePort);
+    const up = payload(3 << 20, 3), down = payload(2 << 20, 4);
+    const [atB, atC] = await Promise.all([drain(bside!), drain(c), send(c, up), send(bside!, down)]);
+    assert.equal(atB.sha, sha256(up), 'the server read exactly the client\'s bytes: no preamble before them');
+    assert.equal(atC.sha, sha256(Buffer.concat([Buffer.from('hello\n'), down])));
+    await socketClosed(c);
+  });
+
+  it('plain core - a stitch is asked with no preamble and no answer in the byte mapping', async () => {
+    const targets: StitchTarget[] = [];
+    shell.setStitcher(async (t) => { targets.push(t); throw new Error('no switch in this test'); });
+    const relaying = events(shell, 'connection:phase');
+    const c = await connect(port);
+    await relaying;
+    const [conn] = shell.connections();
+    await assert.rejects(shell.stitch(conn!.id), /no switch in this test/);
+    assert.deepEqual(targets[0]?.mapping, { clientOffset: 0n, corePreambleLength: 0, shellOffset: 0n, coreAnswerLength: 0 });
+    assert.equal(shell.get(conn!.id)?.state, 'relaying', 'a failed stitch leaves the connection relaying');
+    c.destroy();
+  });
+
+  it('plain core - nothing listening: the client is reset and the close says core-unreachable', async () => {
+    const gone = createShell({ core: { host: '127.0.0.1', port: backendPort }, plainCore: true, logger: quiet });
+    await new Promise((r) => backend.close(r));
+    backend = net.createServer();
+    await listen(backend); // afterEach closes this one
+    const front = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (s) => gone.attach(s));
+    const frontPort = await listen(front);
+    const closed = events<ConnectionCloseMessage>(gone, 'connection:close');
+    const c = await connect(frontPort);
+    const err = once(c, 'error');
+    assert.equal((await closed)[0].reason, 'core-unreachable');
+    assert.equal(((await err)[0] as NodeJS.ErrnoException).code, 'ECONNRESET');
+    await socketClosed(c);
+    await new Promise((r) => front.close(r));
+  });
+
+  it('plain core - a coreKey with plainCore is refused, naming both', () => {
+    assert.throws(() => createShell({ core: { host: '127.0.0.1', port: backendPort }, plainCore: true, coreKey: Buffer.alloc(32, 1) }),
+      (e: Error) => e instanceof InvalidArgumentError && /coreKey/.test(e.message) && /plainCore/.test(e.message));
   });
 });

@@ -19,7 +19,7 @@ interface StitchBed { topo: Topology; sw: RunningSwitchProcess; seg: Segmented; 
 /** Manual mode: nothing is stitched until `tcp-stitch stitch` says so. */
 const MANUAL = { version: 1, mode: 'manual', rules: [] };
 
-async function startStitchBed(topo: Topology, opts: { backend?: 'echo' | 'peer' | 'iperf3'; policy?: object; switchArgs?: string[]; shellSwitch?: string } = {}): Promise<StitchBed> {
+async function startStitchBed(topo: Topology, opts: { backend?: 'echo' | 'peer' | 'iperf3'; policy?: object; switchArgs?: string[]; shellSwitch?: string; plainCore?: boolean } = {}): Promise<StitchBed> {
   const dir = mkdtempSync(join(tmpdir(), 'tcp-stitch-e2e-'));
   const keyFile = join(dir, 'key');
   writeFileSync(keyFile, formatKeyFile([generateKey()]), { mode: 0o600 });
@@ -27,7 +27,7 @@ async function startStitchBed(topo: Topology, opts: { backend?: 'echo' | 'peer' 
   writeFileSync(policy, JSON.stringify(opts.policy ?? MANUAL));
   const switchArgs = ['--key-file', keyFile, ...(opts.switchArgs ?? []).map((a) => a === '$BPFFS' ? topo.bpffs! : a)];
   const sw = await startSwitch(topo, switchArgs);
-  const seg = await startSegmented(topo, { backend: opts.backend ?? 'echo', coreArgs: ['--key-file', keyFile] },
+  const seg = await startSegmented(topo, { backend: opts.backend ?? 'echo', coreArgs: ['--key-file', keyFile], plainCore: opts.plainCore },
     ['--switch', opts.shellSwitch ?? 'auto', '--key-file', keyFile, '--policy', policy]);
   // The echo backend prints one verdict line per connection (sha256 of what B received).
   const verdicts: string[] = [];
@@ -125,11 +125,11 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
    * ended by FIN in phase 3, the relay moved nothing after the 'stitched' transition, the switch
    * freed every stitch.
    */
-  async function loadStitched(n: number, size: number, { lossPpm, combined = false }: { lossPpm?: number; combined?: boolean } = {}) {
+  async function loadStitched(n: number, size: number, { lossPpm, combined = false, plainCore = false }: { lossPpm?: number; combined?: boolean; plainCore?: boolean } = {}) {
     topo = await createTopology({ bpffs: true, differentWindowScales: true, ...(combined && { variant: 'combined' }) });
     bed = await startStitchBed(topo, {
       policy: { version: 1, mode: 'auto', evaluationIntervalMs: 50, rules: [{ name: 'mid-transfer', minBytes: { total: 2 << 20 } }] },
-      ...(combined && { shellSwitch: 'combined' }),
+      ...(combined && { shellSwitch: 'combined' }), plainCore,
     });
     const b = bed;
     if (lossPpm) await injectLoss(b, lossPpm);
@@ -215,6 +215,10 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
     await loadStitched(20, 32 << 20, { combined: true });
   });
 
+  it('stitch e2e - a plain core (the echo backend itself, no tcp-stitch core, no preamble): 20 connections stitched mid-transfer at full speed: exact, relay flat after the drain, switch state freed', async () => {
+    await loadStitched(20, 32 << 20, { plainCore: true });
+  });
+
   it('stitch e2e - examples/manual-stitch.ts: the runtime stitches each connection after its first 64 KiB; exact, relay flat after', async () => {
     topo = await createTopology({ bpffs: true, differentWindowScales: true });
     const dir = mkdtempSync(join(tmpdir(), 'tcp-stitch-e2e-'));
@@ -240,9 +244,9 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
     await untilSwitchEmpty(bed);
   });
 
-  it('stitch e2e - iperf3 through the shell, stitched mid-run: completes on the stitched path (its rate against routed is in the bench)', async () => {
+  it('stitch e2e - iperf3 through the shell (its core: iperf3 itself, a plain core), stitched mid-run: completes on the stitched path (its rate against routed is in the bench)', async () => {
     topo = await createTopology({ bpffs: true, differentWindowScales: true });
-    bed = await startStitchBed(topo, { backend: 'iperf3' });
+    bed = await startStitchBed(topo, { backend: 'iperf3', plainCore: true });
     const b = bed;
     const routedServer = topo.b.spawn('iperf3', ['-s', '-p', '5201', '-B', topo.b.addr], { stdio: ['ignore', 'pipe', 'pipe'] });
     await topo.b.waitForListen(5201);
