@@ -1,11 +1,14 @@
 // The bench's bed: one topology (window scales 10 vs 7, bpffs, S's checksum offload off) with
 // everything every figure needs, started once through the real CLI:
 //   S  `tcp-stitch switch` (eBPF datapath pinned in the topology's bpffs, so the bench can read its maps)
-//   B  iperf3 on B's address (routed, HAProxy) and on 127.0.0.1 (the core's backend), a plain
-//      forwarder to the latter with the core's relay code (test/fixtures/forward.ts), the RTT echo
-//      server, the load echo backend, and one `tcp-stitch core --key-file` per backend
-//   A  one `tcp-stitch shell --switch auto --key-file --policy manual` per core (nothing is stitched
-//      until the bench says so: without a stitch each is the phase-2 relay), HAProxy in TCP mode
+//   B  iperf3 on B's address (routed, HAProxy, and the shell's plain core) and on 127.0.0.1 (a
+//      core's backend), a plain forwarder to the latter with the core's relay code
+//      (test/fixtures/forward.ts), the RTT echo server, the load echo backend, and a
+//      `tcp-stitch core --key-file` for each of the last two backends
+//   A  one `tcp-stitch shell --switch auto --key-file --policy manual` per pair (nothing is stitched
+//      until the bench says so: without a stitch each is the phase-2 relay), HAProxy in TCP mode.
+//      Pairs `iperf` and `rtt` have a plain core (--plain-core: the server itself, so stitched and
+//      routed end in the same socket); `iperfCore` and `load` go through `tcp-stitch core`.
 import type { ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -17,7 +20,7 @@ import { createTopology, nodeInNs, PROJECT_ROOT, type Host, type Topology } from
 
 export const PORTS = {
   routedIperf: 5201, backendIperf: 5202, forward: 5301, rtt: 7000, echo: 8000, haproxy: 8090,
-  core: { iperf: 9000, rtt: 9001, load: 9002 }, shell: { iperf: 8080, rtt: 8081, load: 8082 },
+  core: { iperfCore: 9000, load: 9002 }, shell: { iperf: 8080, rtt: 8081, load: 8082, iperfCore: 8083 },
 } as const;
 
 /** Manual mode: nothing is stitched until `tcp-stitch stitch` says so. */
@@ -28,9 +31,10 @@ export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** One shell (A) with its core (B); the shell's control socket and both JSON logs. */
 export interface Pair {
-  name: 'iperf' | 'rtt' | 'load';
+  name: 'iperf' | 'iperfCore' | 'rtt' | 'load';
   shell: ChildProcess;
-  core: ChildProcess;
+  /** `tcp-stitch core`; none for a plain core (the backend itself). */
+  core?: ChildProcess;
   port: number;
   controlPath: string;
   logs: { shell: string[]; core: string[] };
@@ -66,7 +70,7 @@ export async function startBed(): Promise<Bed> {
     const { a, b } = topo;
     // One key per shell (and its core), all of them known to the switch: shells sharing a key share
     // its request sequence space, and two agents discovering at once get REPLAYED.
-    const keys = { iperf: generateKey(), rtt: generateKey(), load: generateKey() };
+    const keys = { iperf: generateKey(), iperfCore: generateKey(), rtt: generateKey(), load: generateKey() };
     const keyFile = (name: keyof typeof keys | 'switch') => {
       const path = join(dir, `key-${name}`);
       writeFileSync(path, formatKeyFile(name === 'switch' ? Object.values(keys) : [keys[name]]), { mode: 0o600 });
@@ -84,15 +88,22 @@ export async function startBed(): Promise<Bed> {
     const echo = nodeInNs(b, 'test/fixtures/echo-backend.ts', ['127.0.0.1', String(PORTS.echo)], { stdio: ['ignore', 'pipe', 'ignore'] });
     echo.stdout!.resume(); // verdict lines; the load client's own check is what the bench reads
 
-    const backends = { iperf: PORTS.backendIperf, rtt: PORTS.rtt, load: PORTS.echo };
+    // Where each shell's core legs go: a backend itself (plain), or a core forwarding to one.
+    const cores: Record<Pair['name'], { plain: string } | { forward: string; port: number }> = {
+      iperf: { plain: `${b.addr}:${PORTS.routedIperf}` }, rtt: { plain: `${b.addr}:${PORTS.rtt}` },
+      iperfCore: { forward: `127.0.0.1:${PORTS.backendIperf}`, port: PORTS.core.iperfCore }, load: { forward: `127.0.0.1:${PORTS.echo}`, port: PORTS.core.load },
+    };
     const pairs = {} as Record<Pair['name'], Pair>;
-    for (const name of ['iperf', 'rtt', 'load'] as const) {
-      const key = keyFile(name);
+    for (const name of ['iperf', 'iperfCore', 'rtt', 'load'] as const) {
+      const key = keyFile(name), to = cores[name];
       const logs = { shell: [] as string[], core: [] as string[] };
-      const core = nodeInNs(b, 'bin/tcp-stitch.js', ['core', '--listen', `${b.addr}:${PORTS.core[name]}`, '--forward', `127.0.0.1:${backends[name]}`, '--key-file', key], { stdio: ['ignore', 'ignore', 'pipe'] });
-      collect(core, logs.core);
+      const core = 'forward' in to
+        ? nodeInNs(b, 'bin/tcp-stitch.js', ['core', '--listen', `${b.addr}:${to.port}`, '--forward', to.forward, '--key-file', key], { stdio: ['ignore', 'ignore', 'pipe'] })
+        : undefined;
+      if (core) collect(core, logs.core);
       const controlPath = `/run/${topo.id}-bench-${name}.sock`;
-      const shell = nodeInNs(a, 'bin/tcp-stitch.js', ['shell', '--listen', `${a.addr}:${PORTS.shell[name]}`, '--core', `${b.addr}:${PORTS.core[name]}`,
+      const coreArgs = 'forward' in to ? ['--core', `${b.addr}:${to.port}`] : ['--core', to.plain, '--plain-core'];
+      const shell = nodeInNs(a, 'bin/tcp-stitch.js', ['shell', '--listen', `${a.addr}:${PORTS.shell[name]}`, ...coreArgs,
         '--control', controlPath, '--switch', 'auto', '--key-file', key, '--policy', policy], { stdio: ['ignore', 'ignore', 'pipe'] });
       collect(shell, logs.shell);
       pairs[name] = { name, shell, core, port: PORTS.shell[name], controlPath, logs };
@@ -102,7 +113,7 @@ export async function startBed(): Promise<Bed> {
     a.spawn('haproxy', ['-f', haproxyCfg, '-db'], { stdio: 'ignore' });
 
     await Promise.all([
-      // Eight node processes start at once on a few shared CPUs: give them time.
+      // Ten node processes start at once on a few shared CPUs: give them time.
       ...[PORTS.routedIperf, PORTS.backendIperf, PORTS.forward, PORTS.rtt, PORTS.echo, ...Object.values(PORTS.core)].map((p) => b.waitForListen(p, 60_000)),
       a.waitForListen(PORTS.haproxy, 60_000),
       ...Object.values(pairs).map((p) => waitForLog(p.shell, p.logs.shell, /"stitching available"/, 1, 60_000)),

@@ -50,14 +50,14 @@ export function summarize(raw: Raw) {
   });
   const by = Object.fromEntries(modes.map((m) => [m.mode, m])) as Record<Run['mode'], (typeof modes)[number]>;
   const ratio = { c2b: by.stitched.c2b / by.routed.c2b, b2c: by.stitched.b2c / by.routed.b2c };
-  const likeRatio = { c2b: by.stitched.c2b / by['routed + B relay'].c2b, b2c: by.stitched.b2c / by['routed + B relay'].b2c };
+  const likeRatio = { c2b: by['stitched + B relay'].c2b / by['routed + B relay'].c2b, b2c: by['stitched + B relay'].b2c / by['routed + B relay'].b2c };
   const relay = raw.throughput.filter((r) => r.mode === 'shell relay' && ok(r));
   const stitched = raw.throughput.filter((r) => r.mode === 'stitched' && ok(r) && r.stitch);
   const cpu = {
     phase2: sum(relay.map((r) => r.shellCpu ?? 0)) / (sum(relay.map((r) => r.shellBytes ?? 0)) / GiB),
     phase3: sum(stitched.map((r) => r.shellCpu ?? 0)) / (sum(stitched.map((r) => r.shellBytes ?? 0)) / GiB),
     phase3CpuS: sum(stitched.map((r) => r.shellCpu ?? 0)), phase3GiB: sum(stitched.map((r) => r.shellBytes ?? 0)) / GiB,
-    coreCpuPerS: median(stitched.map((r) => r.stitch!.coreCpuPerS)),
+    coreCpuPerS: median(raw.throughput.filter((r) => r.mode === 'stitched + B relay' && ok(r)).map((r) => r.stitch?.coreCpuPerS ?? NaN)),
   };
   // Every run that got as far as its counters counts for retransmissions and RTOs, a stalled one too.
   const hs = raw.handover.filter((r) => r.stitched && r.stitch);
@@ -114,14 +114,11 @@ function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
       v = { verdict: `missed: none of ${failures.length} stitched runs completed`, met: false };
       why = failures[0]!.error;
     } else if (v.met === false) {
-      const like = s.likeRatio[k], core = s.cpu.coreCpuPerS;
-      why = `the stitched path adds a second TCP connection on B, the core's relay to its unmodified backend over B's loopback ` +
-        `(a kernel splice, sdk/splice.ts; core at ${f(core)} CPU-s/s while stitched), on the same two vCPUs as C, S and B's own stack; ` +
-        `and S's per-packet translation. Plain routed has neither. ` +
-        (like > 1.1
-          ? `Routed through the same relay code on B (test/fixtures/forward.ts) ran slower than stitched (${f(1 / like)}x), so it does not isolate the relay's share here.`
-          : `Routed through the same relay code on B (test/fixtures/forward.ts) runs at ${f(s.ratio[k] / like)}x routed, and stitched at ${f(like)}x of that: ` +
-            (s.ratio[k] / like < like ? 'most of the gap is the relay on B.' : 'most of the gap is the stitched path itself (S\'s translation, its retransmissions).')) +
+      const st = s.by.stitched, ro = s.by.routed;
+      why = 'stitched and routed end in the same iperf3 socket on B (the shell\'s core is plain); what differs is S: ' +
+        'the program rewrites every stitched packet (routed packets pass the same program, which finds no stitch), and the stitched path\'s own ' +
+        `retransmissions (sender median ${f(reverse ? st.retransB2C : st.retransC2B, 0)} stitched vs ${f(reverse ? ro.retransB2C : ro.retransC2B, 0)} routed per run), ` +
+        `on the same two vCPUs as C, A and B. Per round: ${pairs(raw, reverse)}.` +
         (failures.length ? ` ${failures.length} stitched run(s) failed: ${failures[0]!.error}` : '');
     }
     out.push({ figure: `stitched / routed throughput ${name}`, measured: f(s.ratio[k]), target: '≥ 0.95', ...v, value: s.ratio[k], ...(why && { why }) });
@@ -188,7 +185,8 @@ export function render(raw: Raw): { md: string; json: unknown } {
   const md: string[] = [
     `# tcp-stitch bench (${raw.when}, kernel ${raw.kernel}, ${raw.cpus} vCPUs, ${f(raw.runtimeS, 0)} s: ${Object.entries(raw.parts).map(([k, v]) => `${k} ${f(v, 0)} s`).join(', ')})`, '',
     'One run, one topology: C, S, A, B as network namespaces (window scales 10 at C vs 7 at B, S\'s tx checksum offload off), ' +
-    '`tcp-stitch switch` (eBPF) in S, `tcp-stitch core --key-file` in B, `tcp-stitch shell --switch auto --key-file --policy (manual)` in A, HAProxy (TCP mode) in A. ' +
+    '`tcp-stitch switch` (eBPF) in S; in A `tcp-stitch shell --switch auto --key-file --policy (manual)` four times, HAProxy (TCP mode); ' +
+    'two of the shells have a plain core (`--plain-core`: iperf3 and the RTT server on B themselves), two a `tcp-stitch core --key-file` in B that relays to a backend on B\'s loopback. ' +
     'Other tenants may share the CPUs: compare the figures within this report only.', '',
     '## Targets', '',
     '| figure | measured | target | verdict | why (when missed) |', '|---|---|---|---|---|',
@@ -197,11 +195,13 @@ export function render(raw: Raw): { md: string; json: unknown } {
     `${raw.settings.rounds} interleaved rounds; iperf3 -i 1 -J, ${raw.settings.seconds} s per run (stitched: ${raw.settings.seconds + 3} s, counting only the 1-s intervals that start ≥ 1 s after \`tcp-stitch stitch --all\` returned); medians; ratios against routed.`, '',
     '| mode | C→B Gbit/s | ratio | B→C Gbit/s | ratio | retransmits C→B / B→C (median, sender, whole run) | runs failed |', '|---|---|---|---|---|---|---|',
     ...s.modes.map((m) => `| ${m.mode} | ${f(m.c2b)} | ${f(m.c2b / by.routed.c2b)} | ${f(m.b2c)} | ${f(m.b2c / by.routed.b2c)} | ${f(m.retransC2B, 0)} / ${f(m.retransB2C, 0)} | ${m.failed}/${m.runs} |`), '',
-    `"routed + B relay" is meant as the like-for-like baseline: B's iperf3 behind test/fixtures/forward.ts, the relay code the core runs between a stitched connection and its backend. Stitched against it: C→B ${f(s.likeRatio.c2b)}, B→C ${f(s.likeRatio.b2c)}` +
-      (s.likeRatio.c2b > 1.1 ? ' (above 1: the forwarder is slower than the core\'s relay on the stitched path, so this baseline does not isolate the relay here).' : '.'), '',
+    '"stitched" and "shell relay" go through the shell with a plain core: iperf3 on B is the shell\'s core, the same server routed and HAProxy use. ' +
+    `"stitched + B relay" goes through \`tcp-stitch core\`, which relays to iperf3 on B's loopback (core ${f(s.cpu.coreCpuPerS)} CPU-s/s while stitched, median): ` +
+    `a second TCP connection on B, on the same two vCPUs. Its like-for-like baseline is "routed + B relay" (B's iperf3 behind test/fixtures/forward.ts, the same relay code); against it: C→B ${f(s.likeRatio.c2b)}, B→C ${f(s.likeRatio.b2c)}.`, '',
     `Stitched / routed per round (routed run just before): C→B ${pairs(raw, false)}; B→C ${pairs(raw, true)}.`, '',
-    'Stitched runs: ' + raw.throughput.filter((r) => r.mode === 'stitched').map((r) => `${r.reverse ? 'B→C' : 'C→B'} ${r.error ? `failed (${r.error})` :
-      `${f(r.gbps)} Gbit/s (${r.stitch!.beforeGbps.length ? `before the stitch ${r.stitch!.beforeGbps.map((x) => f(x, 1)).join('/')}; ` : ''}stitch returned at ${f(r.stitch!.returnedAtS, 1)} s after ${f(r.stitch!.cliMs, 0)} ms of CLI; core ${f(r.stitch!.coreCpuPerS)} CPU)`}`).join('; ') + '.', '',
+    'Stitched runs: ' + raw.throughput.filter((r) => r.mode.startsWith('stitched')).map((r) => `${r.mode}, ${r.reverse ? 'B→C' : 'C→B'} ${r.error ? `failed (${r.error})` :
+      `${f(r.gbps)} Gbit/s (${r.stitch!.beforeGbps.length ? `before the stitch ${r.stitch!.beforeGbps.map((x) => f(x, 1)).join('/')}; ` : ''}stitch returned at ${f(r.stitch!.returnedAtS, 1)} s after ${f(r.stitch!.cliMs, 0)} ms of CLI` +
+      `${r.stitch!.coreCpuPerS === undefined ? '' : `; core ${f(r.stitch!.coreCpuPerS)} CPU`})`}`).join('; ') + '.', '',
     '## Shell CPU', '',
     `Shell CPU seconds per GiB moved: phase 2 (relay runs, whole run) ${f(s.cpu.phase2, 3)}; phase 3 (stitched runs, counted intervals only) ${f(s.cpu.phase3, 4)} ` +
     `(${f(s.cpu.phase3CpuS, 2)} CPU-s over ${f(s.cpu.phase3GiB, 2)} GiB; utime+stime from /proc/PID/stat, 10 ms ticks); ratio ${f(s.cpu.phase3 / s.cpu.phase2, 4)}.`, '',
@@ -212,7 +212,7 @@ export function render(raw: Raw): { md: string; json: unknown } {
     md.push(`1-byte ping-pong over one TCP connection, ${r.routed.n} samples each.`, '', '| path | p50 µs | p99 µs | p50 vs routed |', '|---|---|---|---|',
       ...([['routed', r.routed], ['shell relay (phase 2)', r.shellRelay], ['stitched (phase 3)', r.stitched]] as const)
         .map(([n, x]) => `| ${n} | ${x.p50Us} | ${x.p99Us} | ${f(x.p50Us / r.routed.p50Us)} |`), '',
-      'The stitched path still passes the core on B, which relays to the echo server over loopback; routed talks to the echo server directly.', '');
+      'All three end in the same echo server on B: the RTT shell\'s core is plain.', '');
   } else md.push('Not measured (see errors).', '');
   const h = s.handover;
   md.push('## Handover under load', '',

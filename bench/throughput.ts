@@ -1,21 +1,23 @@
-// Throughput, C->B and B->C (iperf3, -R for B->C), four modes interleaved round by round so that
+// Throughput, C->B and B->C (iperf3, -R for B->C), six modes interleaved round by round so that
 // drift hits them alike:
 //   routed       C -> S -> B's iperf3, no shell
-//   routed + B relay  C -> S -> B's forwarder (the core's relay code) -> iperf3 on B's loopback: the
-//                like-for-like baseline, since a stitched connection still ends in the core's relay
-//   shell relay  C -> shell (phase 2, never stitched) -> core -> iperf3 on B's loopback
-//   stitched     the same path, stitched with `tcp-stitch stitch --all` as soon as iperf3's control
-//                and data connections are relaying; only the 1-s intervals that start >= 1 s after
-//                the stitch returned are counted
+//   stitched     C -> shell (--plain-core) -> B's iperf3, the same server routed uses, stitched with
+//                `tcp-stitch stitch --all` as soon as iperf3's control and data connections are
+//                relaying; only the 1-s intervals that start >= 1 s after the stitch returned count
+//   routed + B relay  C -> S -> B's forwarder (the core's relay code) -> iperf3 on B's loopback
+//   stitched + B relay  C -> shell -> `tcp-stitch core` -> iperf3 on B's loopback, stitched the same
+//                way: a stitched connection that still ends in a core relaying to its backend, and
+//                "routed + B relay" is its like-for-like baseline
+//   shell relay  C -> shell (--plain-core, phase 2, never stitched) -> B's iperf3
 //   haproxy      C -> HAProxy (TCP mode) on A -> B's iperf3
 // Around the shell runs it reads the shell's CPU (utime + stime): the whole run for phase 2, only the
 // counted intervals for phase 3. For stitched runs it also reads the core's CPU over the same window.
 import { drainDiagnosis } from './diagnose.ts';
-import { PORTS, cpuBetween, cpuSeconds, cpuTrace, say, settle, stitchAllCli, untilStatus, type Bed } from './bed.ts';
+import { PORTS, cpuBetween, cpuSeconds, cpuTrace, say, settle, stitchAllCli, untilStatus, type Bed, type Pair } from './bed.ts';
 
-export type Mode = 'routed' | 'routed + B relay' | 'shell relay' | 'stitched' | 'haproxy';
-/** Run order within a round: stitched right after routed, so that each pair sees the same load. */
-export const MODES: Mode[] = ['routed', 'stitched', 'routed + B relay', 'shell relay', 'haproxy'];
+export type Mode = 'routed' | 'stitched' | 'routed + B relay' | 'stitched + B relay' | 'shell relay' | 'haproxy';
+/** Run order within a round: each stitched mode right after its baseline, so that both see the same load. */
+export const MODES: Mode[] = ['routed', 'stitched', 'routed + B relay', 'stitched + B relay', 'shell relay', 'haproxy'];
 
 export interface Run {
   mode: Mode; round: number; reverse: boolean;
@@ -34,8 +36,8 @@ export interface Run {
     /** The 1-s intervals counted, and the rates of those before the stitch (for context). */
     counted: Array<{ start: number; end: number; gbps: number; bytes: number }>;
     beforeGbps: number[];
-    /** Core CPU seconds per wall second over the counted intervals (its relay to the backend). */
-    coreCpuPerS: number;
+    /** Core CPU seconds per wall second over the counted intervals (its relay to the backend; none for a plain core). */
+    coreCpuPerS?: number;
     /** Shell CPU seconds per wall second over the counted intervals. */
     shellCpuPerS: number;
   };
@@ -72,15 +74,14 @@ async function plain(bed: Bed, mode: Mode, seconds: number, reverse: boolean): P
   return { ...s, shellCpu: cpuSeconds(pid) - cpu0, shellBytes: s.bytes };
 }
 
-async function stitched(bed: Bed, seconds: number, reverse: boolean): Promise<Omit<Run, 'mode' | 'round' | 'reverse'>> {
-  const p = bed.pairs.iperf;
+async function stitched(bed: Bed, p: Pair, seconds: number, reverse: boolean): Promise<Omit<Run, 'mode' | 'round' | 'reverse'>> {
   const old = await settle(p);
   const logsFrom = bed.sw.logs.length;
-  const shellTrace = cpuTrace(p.shell.pid!), coreTrace = cpuTrace(p.core.pid!);
+  const shellTrace = cpuTrace(p.shell.pid!), coreTrace = p.core && cpuTrace(p.core.pid!);
   try {
     const launched = performance.now();
     // Stitching takes about a second; run long enough to leave `seconds` of counted intervals.
-    const running = iperf(bed, bed.topo.a.addr, PORTS.shell.iperf, seconds + 3, reverse);
+    const running = iperf(bed, bed.topo.a.addr, p.port, seconds + 3, reverse);
     running.catch(() => undefined);
     // iperf3's clock starts when its data connection is up: the first status that shows it.
     let dataAt = 0;
@@ -92,7 +93,7 @@ async function stitched(bed: Bed, seconds: number, reverse: boolean): Promise<Om
     const st = await stitchAllCli(bed.topo, p);
     const returned = performance.now();
     const j = await running;
-    const shellSamples = shellTrace.stop(), coreSamples = coreTrace.stop();
+    const shellSamples = shellTrace.stop(), coreSamples = coreTrace?.stop();
     if (!st.ok) return { ...summary(j), gbps: NaN, error: `stitch --all failed: ${st.lines.join(' | ')}` };
     const returnedAtS = (returned - launched) / 1000; // on iperf3's clock this is conservative: its clock starts later
     const counted = j.intervals.filter((i) => i.sum.start >= returnedAtS + 1 && i.sum.end - i.sum.start > 0.5)
@@ -114,14 +115,14 @@ async function stitched(bed: Bed, seconds: number, reverse: boolean): Promise<Om
     const bytes = counted.reduce((s, i) => s + i.bytes, 0);
     // The counted intervals on the wall clock: iperf3's 0 is about when its data connection appeared.
     const from = dataAt + counted[0]!.start * 1000, to = dataAt + counted.at(-1)!.end * 1000;
-    const shellCpu = cpuBetween(shellSamples, from, to), coreCpu = cpuBetween(coreSamples, from, to);
+    const shellCpu = cpuBetween(shellSamples, from, to), coreCpu = coreSamples && cpuBetween(coreSamples, from, to);
     const wall = (to - from) / 1000;
     return {
       ...summary(j), gbps: (bytes * 8) / secs / 1e9, shellCpu, shellBytes: bytes,
-      stitch: { returnedAtS, cliMs: st.ms, lines: st.lines, counted, beforeGbps, coreCpuPerS: coreCpu / wall, shellCpuPerS: shellCpu / wall },
+      stitch: { returnedAtS, cliMs: st.ms, lines: st.lines, counted, beforeGbps, coreCpuPerS: coreCpu === undefined ? undefined : coreCpu / wall, shellCpuPerS: shellCpu / wall },
     };
   } finally {
-    shellTrace.stop(); coreTrace.stop();
+    shellTrace.stop(); coreTrace?.stop();
   }
 }
 
@@ -132,14 +133,17 @@ export async function measureThroughput(bed: Bed, rounds: number, seconds: numbe
       for (const reverse of [false, true]) {
         let r: Run;
         try {
-          const m = mode === 'stitched' ? await stitched(bed, seconds, reverse) : await plain(bed, mode, seconds, reverse);
+          const m = mode === 'stitched' ? await stitched(bed, bed.pairs.iperf, seconds, reverse)
+            : mode === 'stitched + B relay' ? await stitched(bed, bed.pairs.iperfCore, seconds, reverse)
+            : await plain(bed, mode, seconds, reverse);
           r = { mode, round, reverse, ...m };
         } catch (e) {
           r = { mode, round, reverse, gbps: NaN, retransmits: 0, bytes: 0, error: (e as Error).message };
         }
         runs.push(r);
-        const extra = r.stitch ? ` (stitched at ${r.stitch.returnedAtS.toFixed(2)} s, ${r.stitch.counted.length} intervals; core ${r.stitch.coreCpuPerS.toFixed(2)} CPU, shell ${r.stitch.shellCpuPerS.toFixed(3)} CPU)` : '';
-        say(`round ${round + 1}/${rounds} ${mode.padEnd(16)} ${reverse ? 'B->C' : 'C->B'} ${r.error ? `FAILED: ${r.error}` : `${r.gbps.toFixed(2)} Gbit/s, ${r.retransmits} retransmits${extra}`}`);
+        const core = r.stitch?.coreCpuPerS === undefined ? '' : `core ${r.stitch.coreCpuPerS.toFixed(2)} CPU, `;
+        const extra = r.stitch ? ` (stitched at ${r.stitch.returnedAtS.toFixed(2)} s, ${r.stitch.counted.length} intervals; ${core}shell ${r.stitch.shellCpuPerS.toFixed(3)} CPU)` : '';
+        say(`round ${round + 1}/${rounds} ${mode.padEnd(18)} ${reverse ? 'B->C' : 'C->B'} ${r.error ? `FAILED: ${r.error}` : `${r.gbps.toFixed(2)} Gbit/s, ${r.retransmits} retransmits${extra}`}`);
       }
     }
   }
