@@ -85,7 +85,7 @@ export async function startSwitch(topo: Topology, args: string[]): Promise<Runni
  * iperf3 server, or a static HTTP server over `httpRoot`),
  * core on B and shell on A. Readiness is waited for on the listeners, never by sleeping.
  */
-export async function startSegmented(topo: Topology, opts: ({ backend: 'echo' | 'peer' | 'iperf3' } | { backend: 'http'; httpRoot: string }) & { coreArgs?: string[]; shellScript?: string; plainCore?: boolean }, shellArgs: string[] = ['--switch', 'off']): Promise<Segmented> {
+export async function startSegmented(topo: Topology, opts: ({ backend: 'echo' | 'peer' | 'iperf3' | 'rtt' } | { backend: 'http'; httpRoot: string }) & { coreArgs?: string[]; shellScript?: string; plainCore?: boolean }, shellArgs: string[] = ['--switch', 'off']): Promise<Segmented> {
   const { a, b } = topo;
   // Behind a core the backend listens on B's loopback; as a plain core, on B's address.
   const at = opts.plainCore ? b.addr : '127.0.0.1';
@@ -95,6 +95,8 @@ export async function startSegmented(topo: Topology, opts: ({ backend: 'echo' | 
       ? b.spawn('iperf3', ['-s', '-p', String(BACKEND_PORT), '-B', at], { stdio: ['ignore', 'pipe', 'pipe'] })
       : opts.backend === 'echo'
       ? nodeInNs(b, 'test/fixtures/echo-backend.ts', [at, String(BACKEND_PORT)], { stdio: ['ignore', 'pipe', 'pipe'] })
+      : opts.backend === 'rtt'
+      ? nodeInNs(b, 'test/fixtures/rtt.ts', ['server', at, String(BACKEND_PORT)], { stdio: ['ignore', 'pipe', 'pipe'] })
       : nodeInNs(b, 'test/fixtures/peer.ts', ['listen', at, String(BACKEND_PORT)], { stdio: ['pipe', 'pipe', 'pipe'] });
   const logs = { shell: [] as string[], core: [] as string[] };
   const core = opts.plainCore ? undefined

@@ -1050,6 +1050,36 @@ describe('bpf vectors', function () {
     });
   });
 
+  describe('draining: requests and answers (rule 12)', () => {
+    // A busy shell whose far ends have room (as above): C's boundary is the shell's old edge, far
+    // beyond anything a request-and-answer stream sends. Once B has acknowledged everything the
+    // shell was handed, C's next request goes to B directly: the boundary drops to what the shell
+    // was handed, so the shell stops holding bytes and the drain can hold.
+    before(function () {
+      if (!t.obj) this.skip();
+      roomyShell();
+    });
+
+    it('draining - once B acknowledged all the shell was handed of C\'s stream (its window covering the boundary), C\'s next bytes go to B, not the shell', () => {
+      const st = () => t.maps.state(w.id)!;
+      assert.equal(t.run(w.c2a({ seq: w.sC(1000), ack: w.sAc(0), flags: 'PA', win: 300, payload: 100, options: w.ts(w.ts0.c + 6, w.ts0.ac + 2) })).retval, TC_ACT_REDIRECT);
+      assert.equal(st().side[SIDE_CLIENT].handed, w.sC(1100), 'a request while B has not acknowledged the shell\'s relay: the shell\'s');
+      // the shell relays client bytes 1000..1099 (core 637..736); B acknowledges all of it
+      assert.equal(t.run(w.a2b({ seq: w.sAv(637), ack: w.sB(0), flags: 'PA', payload: 100, win: 100, options: w.ts(w.ts0.av + 4, w.ts0.b + 3) })).retval, TC_ACT_OK);
+      assert.equal(t.run(w.b2a({ seq: w.sB(0), ack: w.sAv(737), win: 200, options: w.ts(w.ts0.b + 4, w.ts0.av + 4) })).retval, TC_ACT_REDIRECT);
+      assert.equal(st().side[SIDE_CLIENT].boundary, w.sC(1000 + (200 << 9)), 'the boundary moves only with a packet of the stream');
+      const next = w.c2a({ seq: w.sC(1100), ack: w.sAc(0), flags: 'PA', win: 300, payload: 100, options: w.ts(w.ts0.c + 7, w.ts0.ac + 2) });
+      t.vector({
+        description: 'the next request: to B, translated, with its data', input: next, expectedReturn: TC_ACT_REDIRECT,
+        // (the window B is shown still ends at the shell's edge toward B: B's own stream drains, rule 5)
+        expectedOutput: w.a2b({ seq: w.sAv(737), ack: w.sB(0), flags: 'PA', ttl: 63, payload: 100, win: 100, options: { ts: [w.tsFromC(w.ts0.c + 7), w.ecrToB(w.ts0.ac + 2)] } }),
+      });
+      assert.equal(st().side[SIDE_CLIENT].boundary, w.sC(1100), 'the boundary dropped to what the shell was handed');
+      assert.equal(st().side[SIDE_CLIENT].handed, w.sC(1100), 'nothing more handed to the shell');
+      assert.equal(st().side[SIDE_CLIENT].bytes, 100n, 'B got the request');
+    });
+  });
+
   describe('draining: an idle shell (the far ends can take everything)', () => {
     // Before the stitch: C sent 400 bytes (the link's share), the shell acked them, window 100<<9;
     // the shell greeted C with 200 bytes, C acked, window 300<<7; the shell sent B the 37-byte

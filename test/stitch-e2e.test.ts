@@ -19,7 +19,7 @@ interface StitchBed { topo: Topology; sw: RunningSwitchProcess; seg: Segmented; 
 /** Manual mode: nothing is stitched until `tcp-stitch stitch` says so. */
 const MANUAL = { version: 1, mode: 'manual', rules: [] };
 
-async function startStitchBed(topo: Topology, opts: { backend?: 'echo' | 'peer' | 'iperf3'; policy?: object; switchArgs?: string[]; shellSwitch?: string; plainCore?: boolean } = {}): Promise<StitchBed> {
+async function startStitchBed(topo: Topology, opts: { backend?: 'echo' | 'peer' | 'iperf3' | 'rtt'; policy?: object; switchArgs?: string[]; shellSwitch?: string; plainCore?: boolean } = {}): Promise<StitchBed> {
   const dir = mkdtempSync(join(tmpdir(), 'tcp-stitch-e2e-'));
   const keyFile = join(dir, 'key');
   writeFileSync(keyFile, formatKeyFile([generateKey()]), { mode: 0o600 });
@@ -242,6 +242,27 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
       assert.equal(c.reason, 'fin');
     }
     await untilSwitchEmpty(bed);
+  });
+
+  it('stitch e2e - requests and answers (1-byte ping-pong, test/fixtures/rtt.ts) stitched while they run: phase 3 long before the last ping, every ping answered, the relay flat after', async () => {
+    topo = await createTopology({ bpffs: true, differentWindowScales: true });
+    bed = await startStitchBed(topo, { backend: 'rtt' });
+    const b = bed, pings = 20_000;
+    const client = new JsonProc('rtt client', nodeInNs(topo.c, 'test/fixtures/rtt.ts', ['client', b.seg.shellAddr, String(SHELL_PORT), String(pings)], { stdio: ['ignore', 'pipe', 'pipe'] }));
+    await untilStatus(b, (cs) => cs.length === 1 && cs[0]!.state === 'relaying' && cs[0]!.bytesFromClient >= 1000, 'pings through the shell');
+    assert.equal((await stitchAll(b)).length, 1);
+    // The drain holds only while the shell holds nothing: every ping below the shell's old edge
+    // would be the shell's, and the next one arrives within a fraction of a millisecond (rule 12).
+    const [line] = await waitForLog(b.seg.shell, b.seg.logs.shell, /"to":"stitched"/, 1, 60_000);
+    const atStitched = JSON.parse(line!) as { bytesFromClient: number; bytesFromCore: number };
+    assert.ok(atStitched.bytesFromClient < pings / 2, `phase 3 after ${atStitched.bytesFromClient} of ${pings} pings, while they ran`);
+    const done = await client.wait((o) => o.event === 'done', 'all pings answered', 120_000);
+    assert.equal(done.n, pings);
+    const [closed] = await waitForLog(b.seg.shell, b.seg.logs.shell, /"connection closed"/, 1, 30_000);
+    const c = JSON.parse(closed!) as ClosedLine;
+    assert.deepEqual([c.phase, c.reason], [3, 'fin']);
+    assert.deepEqual([c.bytesFromClient, c.bytesFromCore], [atStitched.bytesFromClient, atStitched.bytesFromCore], 'the relay moved nothing after the stitch');
+    await untilSwitchEmpty(b);
   });
 
   it('stitch e2e - iperf3 through the shell (its core: iperf3 itself, a plain core), stitched mid-run: completes on the stitched path (its rate against routed is in the bench)', async () => {

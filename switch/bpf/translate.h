@@ -113,15 +113,33 @@ static __always_inline void term_or(struct stitch_state *st, __u32 bits)
 		stat_inc(ST_STATE_CHANGES);
 }
 
+/* Stream s (far s's bytes): the other far end acknowledged everything the shell was handed of it. */
+static __always_inline int stream_delivered(const struct stitch_cfg *sc, const struct stitch_state *st, __u32 s)
+{
+	s &= 1;
+	return !seq_before(st->side[s ^ 1].ack_far - sc->side[s].seq_delta, st->side[s].handed);
+}
+
+/* Stream s: the other far end's window covers the boundary, everything far s may have been told it
+ * could send. Edges are ack + (win << scale): the shell's in its units toward far s, the other far
+ * end's in its own. Short by less than the coarser unit is rounding, and a far end that receives
+ * nothing (one-way bulk) never moves its edge to close it. */
+static __always_inline int stream_covered(const struct stitch_cfg *sc, const struct stitch_state *st, __u32 s)
+{
+	__u32 ws, wo, slack;
+
+	s &= 1;
+	ws = sc->side[s].ws_shell & 15;
+	wo = sc->side[s ^ 1].ws_far & 15;
+	slack = 1u << (ws > wo ? ws : wo);
+	return !seq_before(st->side[s ^ 1].edge_far - sc->side[s].seq_delta + slack, st->side[s].boundary);
+}
+
 /* The first half of the drain condition (drain_check): for both streams s, the other far end
  * acknowledged everything the shell was handed of stream s, so the shell holds nothing. */
 static __always_inline int shell_holds_nothing(const struct stitch_cfg *sc, const struct stitch_state *st)
 {
-#pragma clang loop unroll(full)
-	for (int s = 0; s < 2; s++)
-		if (seq_before(st->side[s ^ 1].ack_far - sc->side[s].seq_delta, st->side[s].handed))
-			return 0;
-	return 1;
+	return stream_delivered(sc, st, 0) && stream_delivered(sc, st, 1);
 }
 
 /* The first packet after the commit takes the snapshot the drain works from: the boundaries, what
@@ -199,22 +217,9 @@ static __always_inline __u32 take_snapshot(const struct stitch_cfg *sc, struct s
  * retransmitted by far s (and reach the shell again if they lie below the boundary). */
 static __always_inline void drain_check(const struct stitch_cfg *sc, struct stitch_state *st, __u64 now)
 {
-	int ok = shell_holds_nothing(sc, st);
-	__u64 t;
+	int ok = shell_holds_nothing(sc, st) && stream_covered(sc, st, 0) && stream_covered(sc, st, 1);
+	__u64 t = READ_ONCE64(st->drain_ok_ns);
 
-#pragma clang loop unroll(full)
-	for (int s = 0; s < 2; s++) {
-		const struct stitch_state_side *ss = &st->side[s], *so = &st->side[s ^ 1];
-		/* Edges are ack + (win << scale): the shell's in its units toward far s, the other far
-		 * end's in its own. Short by less than the coarser unit is rounding, and a far end that
-		 * receives nothing (one-way bulk) never moves its edge to close it. */
-		__u32 ws = sc->side[s].ws_shell & 15, wo = sc->side[s ^ 1].ws_far & 15;
-		__u32 slack = 1u << (ws > wo ? ws : wo);
-
-		if (seq_before(so->edge_far - sc->side[s].seq_delta + slack, ss->boundary))
-			ok = 0;
-	}
-	t = READ_ONCE64(st->drain_ok_ns);
 	if (!ok) {
 		if (t)
 			st->drain_ok_ns = 0;
@@ -314,6 +319,12 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 		__u32 snd_nxt = fs->dir[0].seq_hi;
 		int want;
 
+		/* Rule 1 again (rule 12): the shell holds nothing of this stream any more and far o can
+		 * take all far s may send: the boundary drops to what the shell was handed. A stream
+		 * that never reaches the shell's old edge (requests and answers) stops passing the
+		 * shell, and the drain can hold. */
+		if (p->payload && seq_before(p->seq, ss->boundary) && stream_delivered(sc, st, s) && stream_covered(sc, st, s))
+			ss->boundary = READ_ONCE32(ss->handed);
 		/* Data below the boundary belongs to the shell (rule 1): it gets the data, far o gets
 		 * only the ACK (far o may have no room for those bytes; a segment beyond its window
 		 * would be dropped together with the ACK it carries). A FIN stays on the data. */
