@@ -132,7 +132,7 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
     // Written before 'connect' so it precedes anything else on the leg.
     if (!plain) leg.write(encodePreamble({ connectionId: conn.id, clientOffset: 0n, shellOffset: 0n, client: conn.client, shell: conn.shell }, this.opts.coreKey));
     leg.setTimeout(timeoutMs, () => leg.destroy(new Error(`${plain ? 'no connection to' : 'no answer from'} the core at ${host}:${port} within ${timeoutMs} ms`)));
-    const early = () => {
+    const endOpening = () => {
       leg.off('connect', onConnect); leg.off('data', onData); leg.off('error', onEarly); leg.off('end', onEarlyEnd); conn.socket.off('error', onClientEarly);
       leg.setTimeout(0);
       leg.pause();
@@ -144,12 +144,12 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
       this.#event(conn, 'core-accepted', reason);
       this.#startRelay(conn, leg);
     };
-    const onConnect = () => { early(); accepted(Buffer.alloc(0), 'the plain core accepted the TCP connection'); };
+    const onConnect = () => { endOpening(); accepted(Buffer.alloc(0), 'the plain core accepted the TCP connection'); };
     let head = Buffer.alloc(0);
     const onData = (chunk: Buffer) => {
       head = Buffer.concat([head, chunk]);
       if (head.length < ANSWER_LENGTH) return;
-      early();
+      endOpening();
       let status: number;
       try { status = decodeAnswer(head); } catch (err) { return this.#fail(conn, 'core-protocol', err as Error); }
       if (status !== AnswerStatus.ACCEPT) {
