@@ -119,7 +119,7 @@ function watchDatapath(bed: Bed): { stop(): DatapathView[] } {
  * agent had the switch's answer to its STITCH ("stitch installed", with the stitch id); and, from the
  * switch's log (same clock), when the switch had installed that stitch in the datapath.
  */
-function shellHandover(lines: string[], switchLines: string[], ids: Set<string>): { total: number[]; toInstalled: number[]; toSwitch: number[] } {
+export function shellHandover(lines: string[], switchLines: string[], ids: Set<string>): { total: number[]; toInstalled: number[]; toSwitch: number[]; windows: Map<string, [number, number]> } {
   const at = new Map<string, { stitching?: number; installed?: number; stitched?: number; stitchId?: number }>();
   for (const l of lines) {
     const phase = l.includes('"connection phase"'), inst = l.includes('"stitch installed"');
@@ -143,6 +143,8 @@ function shellHandover(lines: string[], switchLines: string[], ids: Set<string>)
     total: done.map((e) => e.stitched! - e.stitching!),
     toInstalled: done.filter((e) => e.installed !== undefined).map((e) => e.installed! - e.stitching!),
     toSwitch: done.filter((e) => e.stitchId !== undefined && atSwitch.has(e.stitchId)).map((e) => atSwitch.get(e.stitchId!)! - e.stitching!),
+    /** Per connection id: [decision, phase 3], epoch ms. */
+    windows: new Map([...at].filter(([, e]) => e.stitching !== undefined && e.stitched !== undefined).map(([id, e]) => [id, [e.stitching!, e.stitched!]])),
   };
 }
 
