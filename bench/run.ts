@@ -3,9 +3,10 @@
 // the targets. Writes bench/out/report.{md,json}.
 //
 //   bench/bed.ts         the topology and everything started on it (switch, cores, shells, HAProxy)
-//   bench/throughput.ts  routed / routed + B relay / shell relay / stitched / HAProxy, both ways,
-//                        shell CPU per GiB in phase 2 and 3
-//   bench/rtt.ts         round trip routed / relayed / stitched (test/fixtures/rtt.ts)
+//   bench/throughput.ts  routed / stitched / routed + B relay / stitched + B relay / shell relay /
+//                        HAProxy, both ways; shell CPU per GiB in phase 2 and 3
+//   bench/rtt.ts         round trip routed / relayed / stitched (test/fixtures/rtt.ts), and the
+//                        round trips of a ping-pong stitched while it runs
 //   bench/handover.ts    stitching loaded connections: handover time, retransmissions, RTOs
 //   bench/installs.ts    stitch installs per second (datapath maps, control protocol); the switch
 //                        daemon's CPU at a full table of idle stitches (bench/daemon-load.ts)
