@@ -227,10 +227,11 @@ async function one(bed: Bed, round: number, mode: 'mid-load' | 'none' | 'from-st
   return run;
 }
 
-export async function measureHandover(bed: Bed, rounds: number, conns: number, size: number): Promise<HandoverRun[]> {
+export async function measureHandover(bed: Bed, rounds: number, conns: number, size: number,
+  modes: Array<'mid-load' | 'none' | 'from-start'> = ['mid-load', 'none', 'from-start']): Promise<HandoverRun[]> {
   const runs: HandoverRun[] = [];
   for (let round = 0; round < rounds; round++) {
-    for (const mode of ['mid-load', 'none', 'from-start'] as const) {
+    for (const mode of modes) {
       const r = await one(bed, round, mode, conns, size);
       runs.push(r);
       const s = r.stitch;
@@ -241,4 +242,26 @@ export async function measureHandover(bed: Bed, rounds: number, conns: number, s
     }
   }
   return runs;
+}
+
+/** The shell host's TCP buffer limit for measureHandoverCapped. */
+export const SHELL_BUFFER_CAP = 256 << 10;
+
+/**
+ * Mid-load stitches and their unstitched control, with A's TCP buffers capped (the max of
+ * net.ipv4.tcp_rmem and tcp_wmem in A's namespace; restored after): the shell's backlog, which the
+ * drain waits on, is bounded by its sockets' buffers. The control run shows what the cap costs
+ * the shell path.
+ */
+export async function measureHandoverCapped(bed: Bed, rounds: number, conns: number, size: number, cap = SHELL_BUFFER_CAP): Promise<HandoverRun[]> {
+  const { a } = bed.topo;
+  const keys = ['net.ipv4.tcp_rmem', 'net.ipv4.tcp_wmem'];
+  const old = await Promise.all(keys.map(async (k) => (await a.runOk('sysctl', ['-n', k])).stdout.trim().split(/\s+/)));
+  const set = (vals: string[][]) => a.runOk('sysctl', ['-w', ...keys.map((k, i) => `${k}=${vals[i]!.join(' ')}`)]);
+  await set(old.map(([min, dflt]) => [min!, String(Math.min(Number(dflt), cap)), String(cap)]));
+  try {
+    return await measureHandover(bed, rounds, conns, size, ['mid-load', 'none']);
+  } finally {
+    await set(old);
+  }
 }

@@ -1,7 +1,7 @@
 // Turns the raw measurements into report.json (everything, raw) and report.md (the targets first,
 // then the tables they come from).
 import { DEFAULT_RATE_LIMIT } from '../switch/control-server.ts';
-import type { HandoverRun } from './handover.ts';
+import { SHELL_BUFFER_CAP, type HandoverRun } from './handover.ts';
 import type { DaemonLoad, InstallRates } from './installs.ts';
 import type { Rtt, RttHandover } from './rtt.ts';
 import { MODES, type Run } from './throughput.ts';
@@ -15,6 +15,8 @@ export interface Raw {
   throughput: Run[];
   rtt?: { routed: Rtt; shellRelay: Rtt; stitched: Rtt; handover?: RttHandover | { error: string } };
   handover: HandoverRun[];
+  /** Mid-load and control runs with the shell host's TCP buffers capped (measureHandoverCapped). */
+  handoverCapped?: HandoverRun[];
   installs?: InstallRates;
   daemon?: DaemonLoad[];
   errors: string[];
@@ -35,6 +37,26 @@ function verdict(measured: number, target: number, better: 'higher' | 'lower', u
   const by = Math.abs(measured - target);
   const rel = target === 0 ? '' : better === 'higher' ? ` (${f((1 - measured / target) * 100, 0)} % short)` : ` (${f(measured / target, 1)}x the target)`;
   return { verdict: `missed by ${by.toFixed(digits)}${unit}${rel}`, met };
+}
+
+// A stitch that never reached phase 3 (its connection ended while it drained) counts at the
+// duration of its request, a lower bound: leaving it out would flatter the p99.
+const neverPhase3 = (r: HandoverRun) => Math.max(0, r.stitch!.ok - r.stitch!.shellMs.length);
+/** Decision → phase 3 at the shell, per stitch of runs stitched mid-load. */
+const shellMsOf = (hs: HandoverRun[]) => hs.flatMap((r) => [...r.stitch!.shellMs, ...Array<number>(neverPhase3(r)).fill(r.stitch!.callMs)]);
+
+/** The capped-buffer runs beside the default ones: handover, drain, RTOs, and the unstitched load's duration. */
+function capped(raw: Raw) {
+  const runs = raw.handoverCapped ?? [];
+  const hs = runs.filter((r) => r.stitch), none = (rs: HandoverRun[]) => rs.filter((r) => !r.stitched && !r.error).map((r) => r.loadMs);
+  const ms = shellMsOf(hs);
+  if (!ms.length) return undefined;
+  return {
+    n: ms.length, p50: quantile(ms, 0.5), p99: quantile(ms, 0.99), dpP99: quantile(hs.flatMap((r) => r.stitch!.datapathMs), 0.99),
+    rto: sum(hs.map((r) => (r.c['TcpExt.TCPTimeouts'] ?? 0) + (r.b['TcpExt.TCPTimeouts'] ?? 0))),
+    exact: runs.filter((r) => !r.error).every((r) => r.exact), failed: runs.filter((r) => r.error).length,
+    noneMs: median(none(runs)), noneMsDefault: median(none(raw.handover)),
+  };
 }
 
 export function summarize(raw: Raw) {
@@ -63,10 +85,7 @@ export function summarize(raw: Raw) {
   const hs = raw.handover.filter((r) => r.stitched && r.stitch);
   const hc = raw.handover.filter((r) => !r.stitched && r.c['Tcp.RetransSegs'] !== undefined);
   const hf = raw.handover.filter((r) => r.fromStart && r.c['Tcp.RetransSegs'] !== undefined);
-  // A stitch that never reached phase 3 (its connection ended while it drained) counts at the
-  // duration of its request, a lower bound: leaving it out would flatter the p99.
-  const neverPhase3 = (r: HandoverRun) => Math.max(0, r.stitch!.ok - r.stitch!.shellMs.length);
-  const shellMs = hs.flatMap((r) => [...r.stitch!.shellMs, ...Array<number>(neverPhase3(r)).fill(r.stitch!.callMs)]);
+  const shellMs = shellMsOf(hs);
   const dpMs = hs.flatMap((r) => r.stitch!.datapathMs);
   const views = hs.flatMap((r) => r.stitch!.datapath);
   const dp = {
@@ -129,10 +148,12 @@ function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
     ...(cv.met === false && { why: `the shell still spent ${f(s.cpu.phase3CpuS, 2)} CPU-s over ${f(s.cpu.phase3GiB, 1)} GiB stitched (timers of the agent and the shell; /proc/PID/stat has 10 ms resolution)` }) });
   const h = s.handover;
   const hv = verdict(h.shellP99, 2, 'lower', ' ms', 0, true);
+  const cap = capped(raw);
   out.push({ figure: 'handover p99, decision → phase 3 (shell log)', measured: `${f(h.shellP99, 0)} ms (p50 ${f(h.shellP50, 0)} ms, ${h.stitches} stitches${h.neverPhase3 ? `; ${h.neverPhase3} never reached phase 3, counted at its request's duration` : ''})`, target: '< 2 ms', ...hv, value: h.shellP99,
     ...(hv.met === false && { why: `decision → installed at the switch p50 ${f(h.toSwitchP50, 0)} ms, → answer seen by the agent p50 ${f(h.toInstalledP50, 0)} ms ` +
       `(${raw.settings.handoverConns} requests at once from a shell whose event loop relays as many loaded connections); ` +
-      `the drain itself (first packet → stitched) p50 ${f(h.dpP50, 0)} / p99 ${f(h.dpP99, 0)} ms in the datapath; then the switch's 10 ms state poll and the NOTIFY` }) });
+      `the drain itself (first packet → stitched) p50 ${f(h.dpP50, 0)} / p99 ${f(h.dpP99, 0)} ms in the datapath; then the switch's 10 ms state poll and the NOTIFY` +
+      (cap ? `. The drain waits on the shell's backlog, which its sockets' buffers bound: with the shell host's TCP buffers capped at ${SHELL_BUFFER_CAP >> 10} KiB, p99 ${f(cap.p99, 0)} ms (Handover under load)` : '') }) });
   if (h.idle.n) {
     const iv = verdict(h.idle.p99, 2, 'lower', ' ms', 0, true);
     out.push({ figure: 'handover p99, idle connections (nothing in the shell), decision → phase 3 (shell log)', measured: `${f(h.idle.p99, 0)} ms (p50 ${f(h.idle.p50, 0)} ms, ${h.idle.n} stitches)`, target: '< 2 ms', ...iv, value: h.idle.p99,
@@ -252,6 +273,11 @@ export function render(raw: Raw): { md: string; json: unknown } {
     `| stitched mid-load (${h.stitchedRuns}) | ${h.retrans.stitched.c} / ${h.retrans.stitched.b} | ${h.rto.stitched.c} / ${h.rto.stitched.b} |`,
     `| same load, no stitch (${h.controlRuns}) | ${h.retrans.control.c} / ${h.retrans.control.b} | ${h.rto.control.c} / ${h.rto.control.b} |`,
     `| same load, stitched before it (${h.fromStartRuns}) | ${h.retrans.fromStart.c} / ${h.retrans.fromStart.b} | ${h.rto.fromStart.c} / ${h.rto.fromStart.b} |`, '');
+  const cap = capped(raw);
+  if (cap) md.push(`With the shell host's TCP buffers capped at ${SHELL_BUFFER_CAP >> 10} KiB (the max of net.ipv4.tcp_rmem and tcp_wmem in A, restored after; the same rounds, mid-load and without a stitch): ` +
+    `decision → phase 3 p50 ${f(cap.p50, 0)} ms, p99 ${f(cap.p99, 0)} ms over ${cap.n} stitches (default buffers, above: p50 ${f(h.shellP50, 0)}, p99 ${f(h.shellP99, 0)} ms); datapath drain p99 ${f(cap.dpP99, 0)} ms; ` +
+    `RTOs ${cap.rto}; every transfer byte-exact: ${cap.exact}${cap.failed ? ` (${cap.failed} runs failed)` : ''}. The same load without a stitch took ${f(cap.noneMs, 0)} ms (default buffers: ${f(cap.noneMsDefault, 0)} ms): ` +
+    'what the cap costs the shell path here, where every round trip is short. A client far away needs the shell\'s receive buffer to cover its bandwidth-delay product, so the cap is a choice for near clients, not a default.', '');
   const ins = raw.installs;
   md.push('## Stitch installs', '');
   if (ins) {
