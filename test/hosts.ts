@@ -155,10 +155,11 @@ export function nodeCommand(script: string, args: string[] = []): [string, strin
 }
 
 /** Spawn `node --import tsx <script> args` inside host's namespace (cwd PROJECT_ROOT unless given);
- *  tracked like host.spawn. */
-export function nodeInNs(host: Host, script: string, args: string[] = [], opts: SpawnOptions = {}): ChildProcess {
+ *  tracked like host.spawn. `cpu`: run it on that CPU alone (taskset). */
+export function nodeInNs(host: Host, script: string, args: string[] = [], { cpu, ...opts }: SpawnOptions & { cpu?: number } = {}): ChildProcess {
   const [cmd, argv] = nodeCommand(script, args);
-  return host.spawn(cmd, argv, { cwd: PROJECT_ROOT, ...opts });
+  const [c, a] = cpu === undefined ? [cmd, argv] : ['taskset', ['-c', String(cpu), cmd, ...argv]];
+  return host.spawn(c, a, { cwd: PROJECT_ROOT, ...opts });
 }
 
 // ---------------------------------------------------------------------------------------------------

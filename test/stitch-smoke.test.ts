@@ -4,7 +4,7 @@
 // the datapath reports 'stitched'. S's egress checksum offload is off (the topology's default).
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { PROJECT_ROOT, createTopology, nodeCommand, requirePrivileges, type Host, type Topology } from './hosts.ts';
+import { createTopology, nodeInNs, requirePrivileges, type Host, type Topology } from './hosts.ts';
 import { payload } from './helpers.ts';
 import { JsonProc as Proc } from './bed.ts';
 
@@ -13,11 +13,8 @@ const PREAMBLE = 'TCPSTITCH-PREAMBLE v1 0123456789\n';
 const ANSWER = 'OK 42\n';
 
 /** cpu: run the process on that CPU alone (taskset), see the idle-point test. */
-const spawnNode = (host: Host, name: string, script: string, args: string[], cpu?: number) => {
-  const [cmd, argv] = nodeCommand(script, args);
-  const pinned: [string, string[]] = cpu === undefined ? [cmd, argv] : ['taskset', ['-c', String(cpu), cmd, ...argv]];
-  return new Proc(name, host.spawn(...pinned, { cwd: PROJECT_ROOT, stdio: ['pipe', 'pipe', 'pipe'] }));
-};
+const spawnNode = (host: Host, name: string, script: string, args: string[], cpu?: number) =>
+  new Proc(name, nodeInNs(host, script, args, { cpu, stdio: ['pipe', 'pipe', 'pipe'] }));
 
 const sha = (...b: Buffer[]) => { const h = createHash('sha256'); for (const x of b) h.update(x); return h.digest('hex'); };
 
