@@ -120,7 +120,7 @@ export function summarize(raw: Raw) {
       fromStart: { c: tot(hf, 'Tcp.RetransSegs', 'c'), b: tot(hf, 'Tcp.RetransSegs', 'b') },
     },
   };
-  return { modes, by, ratio, likeRatio, cpu, handover };
+  return { modes, by, ratio, likeRatio, cpu, handover, capped: capped(raw) };
 }
 
 function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
@@ -148,7 +148,7 @@ function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
     ...(cv.met === false && { why: `the shell still spent ${f(s.cpu.phase3CpuS, 2)} CPU-s over ${f(s.cpu.phase3GiB, 1)} GiB stitched (timers of the agent and the shell; /proc/PID/stat has 10 ms resolution)` }) });
   const h = s.handover;
   const hv = verdict(h.shellP99, 2, 'lower', ' ms', 0, true);
-  const cap = capped(raw);
+  const cap = s.capped;
   out.push({ figure: 'handover p99, decision → phase 3 (shell log)', measured: `${f(h.shellP99, 0)} ms (p50 ${f(h.shellP50, 0)} ms, ${h.stitches} stitches${h.neverPhase3 ? `; ${h.neverPhase3} never reached phase 3, counted at its request's duration` : ''})`, target: '< 2 ms', ...hv, value: h.shellP99,
     ...(hv.met === false && { why: `decision → installed at the switch p50 ${f(h.toSwitchP50, 0)} ms, → answer seen by the agent p50 ${f(h.toInstalledP50, 0)} ms ` +
       `(${raw.settings.handoverConns} requests at once from a shell whose event loop relays as many loaded connections); ` +
@@ -273,7 +273,7 @@ export function render(raw: Raw): { md: string; json: unknown } {
     `| stitched mid-load (${h.stitchedRuns}) | ${h.retrans.stitched.c} / ${h.retrans.stitched.b} | ${h.rto.stitched.c} / ${h.rto.stitched.b} |`,
     `| same load, no stitch (${h.controlRuns}) | ${h.retrans.control.c} / ${h.retrans.control.b} | ${h.rto.control.c} / ${h.rto.control.b} |`,
     `| same load, stitched before it (${h.fromStartRuns}) | ${h.retrans.fromStart.c} / ${h.retrans.fromStart.b} | ${h.rto.fromStart.c} / ${h.rto.fromStart.b} |`, '');
-  const cap = capped(raw);
+  const cap = s.capped;
   if (cap) md.push(`With the shell host's TCP buffers capped at ${SHELL_BUFFER_CAP >> 10} KiB (the max of net.ipv4.tcp_rmem and tcp_wmem in A, restored after; the same rounds, mid-load and without a stitch): ` +
     `decision → phase 3 p50 ${f(cap.p50, 0)} ms, p99 ${f(cap.p99, 0)} ms over ${cap.n} stitches (default buffers, above: p50 ${f(h.shellP50, 0)}, p99 ${f(h.shellP99, 0)} ms); datapath drain p99 ${f(cap.dpP99, 0)} ms; ` +
     `RTOs ${cap.rto}; every transfer byte-exact: ${cap.exact}${cap.failed ? ` (${cap.failed} runs failed)` : ''}. The same load without a stitch took ${f(cap.noneMs, 0)} ms (default buffers: ${f(cap.noneMsDefault, 0)} ms): ` +

@@ -394,7 +394,7 @@ function checkSpec(spec: StitchSpec): void {
   if (!Number.isInteger(spec.coreAnswerLength) || spec.coreAnswerLength < 0) bad('coreAnswerLength must be a non-negative integer');
 }
 
-/** statusOf's state and reason, from the entry's phase and termination bits alone. */
+/** The contract's state and reason, from the entry's phase and termination bits alone. */
 function stateOf(phase: number, term: number, cfgFlags: number): { state: StitchState; reason?: string } {
   const both = (bit: number) => (term & (bit << SIDE_CLIENT)) && (term & (bit << SIDE_CORE));
   if (phase === PHASE_FAILED) return { state: 'failed', reason: 'untracked-leg' };

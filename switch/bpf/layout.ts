@@ -221,8 +221,8 @@ export function encodeStitchStateInit(id: number, gen: number): Buffer {
   return b;
 }
 
-/** The head of a state entry: enough to tell whether its state changed (decodeStitchState reads all). */
-/** The head of the state entry at offset off of b. */
+/** The head of the state entry at offset off of b: enough to tell whether its state changed
+ *  (decodeStitchState reads all). */
 export function peekStitchState(b: Buffer, off = 0): { gen: number; phase: number; term: number } {
   return { gen: b.readUInt32LE(off + 4), phase: b.readUInt32LE(off + 8), term: b.readUInt32LE(off + 12) };
 }
