@@ -440,24 +440,38 @@ interface Installed {
   slowLogged?: boolean;
   /** Taken over from an earlier daemon: spec has the legs only (offsets 0). */
   adopted?: boolean;
-  /** When the poll set START_STITCHED (rule 9) and FORCE_STITCHED (rules 8 and 11), hrtime ns: see
-   *  IDLE_CONFIRM_MS. */
-  startSetNs?: bigint;
-  forceSetNs?: bigint;
+  /** Program runs in progress when the commit entry was written, and when the poll set
+   *  START_STITCHED (rule 9) and FORCE_STITCHED (rules 8 and 11); cleared once they all ended. */
+  commitRuns?: RunMark;
+  startRuns?: RunMark;
+  forceRuns?: RunMark;
 }
 
+/** Per CPU (index), the program runs begun and finished (stats.packets, stats.runsDone). */
+export interface RunCounts { begun: bigint[]; done: bigint[] }
+/** The runs in progress at some moment: [cpu, runs begun on it then]. */
+export type RunMark = Array<[number, bigint]>;
+
+/** A flag's mark before the poll that wrote it has read the runs. */
+const MARK_UNREAD: RunMark = [];
+export const runsInProgress = (r: RunCounts): RunMark =>
+  r.begun.flatMap((b, cpu) => (b !== r.done[cpu] ? [[cpu, b] as [number, bigint]] : []));
+/** Every run in progress at the mark has ended: runs on a CPU do not nest, so that CPU has finished
+ *  as many runs as had begun then. */
+export const runsEnded = (m: RunMark, r: RunCounts): boolean => m.every(([cpu, b]) => (r.done[cpu] ?? b) >= b);
+
 /**
- * The commit entry's flags as far as the state read at `now` may say 'stitched'. A flag the poll
- * wrote counts once a read IDLE_CONFIRM_MS later agrees: START_STITCHED if the program still took no
- * packet (one that came between a poll's read and its write took the flags before it and started a
- * drain); FORCE_STITCHED if the shell still holds nothing (a run with the flags before it may have
- * handed it bytes, which the program then lets it relay first).
+ * The commit entry's flags as far as the state `st` may say 'stitched'. A flag the poll wrote counts
+ * once a poll has found every program run that may have taken the flags before it ended (its mark
+ * cleared; the runs are read before the states) and `st` agrees: START_STITCHED if the program still
+ * took no packet (one that came between a poll's read and its write took the flags before it and
+ * started a drain); FORCE_STITCHED if the shell still holds nothing (a run with the flags before it
+ * may have handed it bytes, which the program then lets it relay first).
  */
-function reportedFlags(inst: Installed, st: StitchStateVal, now: bigint): number {
-  const recent = (t?: bigint) => t !== undefined && now - t < BigInt(IDLE_CONFIRM_MS) * 1_000_000n;
+function reportedFlags(inst: Installed, st: StitchStateVal): number {
   let flags = inst.cfg.flags;
-  if (recent(inst.startSetNs)) flags &= ~STITCH_START_STITCHED;
-  if (recent(inst.forceSetNs) || !drainedOf(inst.cfg, st)) {
+  if (inst.startRuns) flags &= ~STITCH_START_STITCHED;
+  if (inst.forceRuns || !drainedOf(inst.cfg, st)) {
     flags &= ~STITCH_FORCE_STITCHED;
   }
   return flags;
@@ -468,12 +482,13 @@ function reportedFlags(inst: Installed, st: StitchStateVal, now: bigint): number
 function newInstalled(spec: StitchSpec, gen: number, cfg: StitchCfg, keys: [Buffer, Buffer], adopted: boolean): Installed {
   return {
     spec, gen, cfg, keys, last: undefined, drainSeen: undefined, installedAt: undefined, seen: undefined,
-    quiet: undefined, slowLogged: false, adopted, startSetNs: undefined, forceSetNs: undefined,
+    quiet: undefined, slowLogged: false, adopted, commitRuns: undefined, startRuns: undefined, forceRuns: undefined,
   };
 }
 
 /** Where stats.stateChanges sits in each CPU's row of counters. */
 const STATE_CHANGES_AT = STATS.indexOf('stateChanges') * 8;
+const RUNS_BEGUN_AT = STATS.indexOf('packets') * 8, RUNS_DONE_AT = STATS.indexOf('runsDone') * 8;
 
 /** The legs of a commit entry (its side[] entries), as a spec without offsets. */
 function specOfCfg(cfg: StitchCfg): StitchSpec {
@@ -519,11 +534,6 @@ export const SETTLED_POLL_MS = 100;
 /** From this many stitches due in one poll, their states are read with one batch call. */
 export const BATCH_READ_FROM = 200;
 
-/** Rule 9's check of a fresh stitch waits this long after the commit: any program run that raced
- *  the commit (and handed the shell a packet as an unstitched flow) has updated the tracking. A
- *  flag the poll writes (START_STITCHED, FORCE_STITCHED) counts only once a read this long after
- *  the write agrees: any program run that took the flags before it has finished by then. */
-export const IDLE_CONFIRM_MS = 2;
 
 /**
  * The first half of the drain condition (translate.h, drain_check): for both streams s, the other
@@ -790,6 +800,17 @@ export class StitchMaps {
     for (let o = STATE_CHANGES_AT; v && o < v.length; o += STATS_COUNT * 8) n += v.readBigUInt64LE(o);
     return n;
   }
+
+  /** The program's runs per CPU, begun and finished (one read). */
+  runs(): RunCounts {
+    const v = this.statsRaw();
+    const r: RunCounts = { begun: [], done: [] };
+    for (let o = 0; v && o < v.length; o += STATS_COUNT * 8) {
+      r.begun.push(v.readBigUInt64LE(o + RUNS_BEGUN_AT));
+      r.done.push(v.readBigUInt64LE(o + RUNS_DONE_AT));
+    }
+    return r;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -933,11 +954,18 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
   const installed = new Map<number, Installed>();
   /** The ids of installed stitches not settled: the polls between sweeps read only these. */
   const unsettled = new Set<number>();
+  /** The ids of stitches with a run mark not yet cleared: polled again at once. */
+  const confirming = new Set<number>();
+  // A flag the daemon before wrote may still race a run, as one this daemon writes would.
+  const adoptRuns = adoption.adopted.length ? maps.runs() : undefined;
   for (const inst of adoption.adopted) {
+    if (inst.cfg.flags & STITCH_START_STITCHED) inst.startRuns = runsInProgress(adoptRuns!);
+    if (inst.cfg.flags & STITCH_FORCE_STITCHED) inst.forceRuns = runsInProgress(adoptRuns!);
     const st = maps.state(inst.spec.id);
-    if (st) inst.last = statusOf(inst.spec.id, st, reportedFlags(inst, st, process.hrtime.bigint()));
+    if (st) inst.last = statusOf(inst.spec.id, st, reportedFlags(inst, st));
     installed.set(inst.spec.id, inst);
     unsettled.add(inst.spec.id);
+    if (inst.startRuns || inst.forceRuns) confirming.add(inst.spec.id);
   }
   const listeners: Array<(s: StitchStatus) => void> = [];
   const drain = options.drain ?? true;
@@ -954,22 +982,41 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
     }
   };
 
-  const setForce = (inst: Installed) => {
-    try {
-      maps.setFlags(inst, STITCH_FORCE_STITCHED);
-      inst.forceSetNs = process.hrtime.bigint();
-      pollSoon();
-    } catch (e) { log.warn('force-stitched update failed', { id: inst.spec.id, err: e }); }
+  /** Commit entries written (installs) or flags set (a poll): each gets the runs in progress after
+   *  the last of these writes (one read for all; until then MARK_UNREAD, which no poll clears). */
+  let flagged: Array<[Installed, 'commitRuns' | 'startRuns' | 'forceRuns']> = [];
+  const setFlag = (inst: Installed, flag: number) => {
+    const field = flag === STITCH_FORCE_STITCHED ? 'forceRuns' : 'startRuns';
+    try { maps.setFlags(inst, flag); } catch (e) {
+      log.warn(`${field === 'forceRuns' ? 'force' : 'start'}-stitched update failed`, { id: inst.spec.id, err: e });
+      return;
+    }
+    inst[field] = MARK_UNREAD;
+    flagged.push([inst, field]);
+  };
+  const markFlagged = () => {
+    if (flagged.length === 0) return;
+    let mark: RunMark;
+    try { mark = runsInProgress(maps.runs()); } catch (e) { log.warn('stats read failed; flags stay unconfirmed', { err: e }); return; }
+    for (const [inst, field] of flagged) if (inst[field] === MARK_UNREAD) inst[field] = mark;
+    flagged = [];
+    pollSoon();
   };
 
-  /** What a poll does with a stitch whose state entry it decoded. */
-  const examine = (id: number, inst: Installed, st: StitchStateVal, now: bigint, nowMs: number) => {
+  /** What a poll does with a stitch whose state entry it decoded (`runs`: read before it, when a
+   *  mark was pending as the poll began). */
+  const examine = (id: number, inst: Installed, st: StitchStateVal, now: bigint, nowMs: number, runs?: RunCounts) => {
     inst.seen = { phase: st.phase, term: st.term };
+    // A mark whose runs have all ended is cleared for good (never in the poll that set it).
+    const ended = (m?: RunMark) => m === undefined || (runs !== undefined && m !== MARK_UNREAD && runsEnded(m, runs));
+    if (ended(inst.commitRuns)) inst.commitRuns = undefined;
+    if (ended(inst.startRuns)) inst.startRuns = undefined;
+    if (ended(inst.forceRuns)) inst.forceRuns = undefined;
     // No packet since the commit: the program has not even taken its snapshot. If the legs'
-    // tracking (as of the commit) says the shell holds nothing, tell the program to start
-    // stitched at the first packet (docs/handover.md, rule 9).
+    // tracking (as of the commit: every run that raced it has ended and updated it) says the shell
+    // holds nothing, tell the program to start stitched at the first packet (docs/handover.md, rule 9).
     const age = nowMs - (inst.installedAt ?? 0);
-    if (st.phase === PHASE_INSTALLED && !(inst.cfg.flags & STITCH_START_STITCHED) && age >= IDLE_CONFIRM_MS) {
+    if (st.phase === PHASE_INSTALLED && !(inst.cfg.flags & STITCH_START_STITCHED) && !inst.commitRuns) {
       const flows = [maps.flow(clientLegKey(inst.spec)), maps.flow(coreLegKey(inst.spec))];
       const ok = idleDrained(inst, flows);
       if (!ok && !inst.slowLogged && age > 2000) {
@@ -977,13 +1024,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
         const fl = flows.map((f) => f && f.dir.map((x) => ({ seqHi: x.seqHi, ackHi: x.ackHi, edgeHi: x.edgeHi })));
         log.warn('drain slow: no packet since the commit, and the tracking says the shell still holds bytes', { id, seqDelta: inst.cfg.side.map((x) => x.seqDelta), client: fl[0], core: fl[1] });
       }
-      if (ok) {
-        try {
-          maps.setFlags(inst, STITCH_START_STITCHED);
-          inst.startSetNs = process.hrtime.bigint();
-          pollSoon();
-        } catch (e) { log.warn('start-stitched update failed', { id, err: e }); }
-      }
+      if (ok) setFlag(inst, STITCH_START_STITCHED);
     }
     if (st.phase !== PHASE_STITCHED && st.firstNs !== 0n && !inst.slowLogged && now - st.firstNs > 2_000_000_000n) {
       // A drain this long means one of its conditions (docs/handover.md rule 8) does not come true.
@@ -999,18 +1040,19 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       const waiting = quietDrainDue(inst.cfg, st, q.dataAtMs, nowMs, quietMs);
       if (waiting) {
         log.info('drain gone quiet: stitched without the window half (docs/handover.md, rule 11)', { id, quietStreams: waiting.map((x) => (x === SIDE_CLIENT ? 'client' : 'core')) });
-        setForce(inst);
+        setFlag(inst, STITCH_FORCE_STITCHED);
       }
     }
     // Idle connections: the program only acts on packets, so the hold of the drain condition is
     // confirmed here once it has lasted two polls, and the program told to silence the shell.
     if (st.phase !== PHASE_STITCHED && st.phase !== PHASE_FAILED && st.drainOkNs !== 0n &&
         !(inst.cfg.flags & STITCH_FORCE_STITCHED)) {
-      if (inst.drainSeen === st.drainOkNs && now - st.drainOkNs >= 2_000_000n) setForce(inst);
+      if (inst.drainSeen === st.drainOkNs && now - st.drainOkNs >= 2_000_000n) setFlag(inst, STITCH_FORCE_STITCHED);
       inst.drainSeen = st.drainOkNs;
     }
-    const s = statusOf(id, st, reportedFlags(inst, st, now));
+    const s = statusOf(id, st, reportedFlags(inst, st));
     if (s.state === 'draining') unsettled.add(id); else unsettled.delete(id);
+    if (inst.commitRuns || inst.startRuns || inst.forceRuns) confirming.add(id); else confirming.delete(id);
     if (!inst.last || inst.last.state !== s.state || inst.last.reason !== s.reason) {
       log.info('stitch state', { id, state: s.state, reason: s.reason });
       inst.last = s;
@@ -1019,6 +1061,11 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
   };
 
   const poll = () => {
+    readDue();
+    markFlagged();
+  };
+  /** Reads and examines the stitches due. */
+  const readDue = () => {
     const now = process.hrtime.bigint(); // CLOCK_MONOTONIC, like bpf_ktime_get_ns()
     const nowMs = Date.now();
     // Settled stitches are read at most every SETTLED_POLL_MS, and only when the program counted a
@@ -1035,6 +1082,13 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
         nextSweepMs = nowMs + SETTLED_POLL_MS - (options.pollIntervalMs ?? 10) / 2;
       }
     }
+    // The runs in progress at a mark: read before any state, so that a mark found ended here means
+    // every run that took the flags before its write has left its trace in the states read below.
+    let runs: RunCounts | undefined;
+    for (const id of confirming) if (!installed.has(id)) confirming.delete(id);
+    if (confirming.size > 0) {
+      try { runs = maps.runs(); } catch (e) { log.warn('stats read failed; flags stay unconfirmed', { err: e }); }
+    }
     const visit = (id: number, raw: Buffer, off: number) => {
       const inst = installed.get(id);
       const settled = !unsettled.has(id);
@@ -1044,7 +1098,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       // A settled stitch whose phase and end bits are what they were: nothing to do, nothing to
       // decode (1-4 us an entry here; a full table has 4096).
       if (settled && head.phase === inst.seen?.phase && head.term === inst.seen.term) return;
-      examine(id, inst, decodeStitchState(off === 0 ? raw : raw.subarray(off, off + STITCH_STATE_SIZE)), now, nowMs);
+      examine(id, inst, decodeStitchState(off === 0 ? raw : raw.subarray(off, off + STITCH_STATE_SIZE)), now, nowMs, runs);
     };
     // Many due: one batch read of the whole table (about 1.2 ms for 4096 entries here) instead of
     // a bpf(2) call each (6-11 us each: 23-47 ms for 4096).
@@ -1062,13 +1116,28 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       if (raw) visit(id, raw, 0);
     }
   };
-  // After installs: one poll once IDLE_CONFIRM_MS have passed, so that an idle stitch (rule 9) is
-  // stitched then, not at the next poll or the one after.
-  let soon: NodeJS.Timeout | undefined;
+  // After installs and flag writes, while a mark is pending: poll again at once, so that an idle
+  // stitch (rule 9) is stitched within a few event-loop turns, not at the next poll. A run still in
+  // progress (its vCPU descheduled) gets three immediate polls, then 1-ms ones, then the regular.
+  let soon: (() => void) | undefined; // cancels the pending one
+  let soonTries = 0;
   const pollSoon = () => {
     if (soon || closed) return;
-    soon = setTimeout(() => { soon = undefined; poll(); schedule(); }, IDLE_CONFIRM_MS + 1);
-    soon.unref();
+    const run = () => {
+      soon = undefined;
+      poll();
+      schedule();
+      if (confirming.size === 0) soonTries = 0;
+      else if (soonTries++ < 20) pollSoon();
+    };
+    if (soonTries < 3) {
+      // Not unref'd: libuv's loop does not wake for an unref'd immediate (it ran at the next timer).
+      const h = setImmediate(run);
+      soon = () => clearImmediate(h);
+    } else {
+      const h = setTimeout(run, 1).unref();
+      soon = () => clearTimeout(h);
+    }
   };
 
   // The next poll: pollIntervalMs on while a stitch drains, SETTLED_POLL_MS once all are settled
@@ -1123,13 +1192,20 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
         r.last = last;
         installed.set(spec.id, r);
         unsettled.add(spec.id);
+        if (drain) {
+          // Runs that raced the commit may have handed the shell a packet as a flow not yet
+          // stitched: rule 9 reads the legs' tracking once they have ended.
+          r.commitRuns = MARK_UNREAD;
+          flagged.push([r, 'commitRuns']);
+          confirming.add(spec.id);
+        }
         // The control server logs each install at info; one line per stitch is what a burst of
         // ten thousand a second can afford (winston's JSON costs about a tenth of an install).
         log.debug('stitch installed in the datapath', { id: spec.id, gen: r.gen, drain, seqDelta: r.cfg.side.map((s) => s.seqDelta), wscale: r.cfg.side.map((s) => [s.wsFar, s.wsShell]) });
         return undefined;
       });
+      markFlagged();
       schedule();
-      if (k > 0) pollSoon();
       return out;
     },
     async remove(id) {
@@ -1137,6 +1213,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       if (!inst) return;
       installed.delete(id);
       unsettled.delete(id);
+      confirming.delete(id);
       const last = maps.remove(inst);
       log.info('stitch removed', { id, state: last ? statusOf(id, last, inst.cfg.flags).state : 'unknown' });
       unschedule();
@@ -1145,7 +1222,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       const inst = installed.get(id);
       if (!inst || closed) return undefined;
       const st = maps.state(id);
-      return st && st.gen === inst.gen ? statusOf(id, st, reportedFlags(inst, st, process.hrtime.bigint())) : inst.last && { ...inst.last };
+      return st && st.gen === inst.gen ? statusOf(id, st, reportedFlags(inst, st)) : inst.last && { ...inst.last };
     },
     onStateChange(listener) { listeners.push(listener); },
     stats: () => maps.stats(),
@@ -1173,7 +1250,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       closed = true;
       if (timer) clearTimeout(timer);
       timer = undefined;
-      if (soon) clearTimeout(soon);
+      soon?.();
       soon = undefined;
       installed.clear();
       unsettled.clear();

@@ -21,7 +21,7 @@ import {
   STITCH_CFG_SIZE, STITCH_FORCE_STITCHED, STITCH_STATE_SIZE, decodeStitchCfg, decodeStitchState, encodeFlowKey, peekStitchState, u32Key,
   type FlowVal, type GlobalCfg,
 } from '../switch/bpf/layout.ts';
-import { DEFAULT_CLONE_MARK, STITCH_OBJECT, StitchMaps, clientLegKey, coreLegKey, createEbpfDatapath, openStitchObject, quietDrainDue, statusOf, type StitchObject } from '../switch/datapath.ts';
+import { DEFAULT_CLONE_MARK, STITCH_OBJECT, StitchMaps, clientLegKey, coreLegKey, createEbpfDatapath, openStitchObject, quietDrainDue, runsInProgress, statusOf, type StitchObject } from '../switch/datapath.ts';
 import { mapDelete, mapNextKey, mapUpdate, progTestRun } from '../switch/native/index.ts';
 import type { StitchSpec } from '../switch/stitch-types.ts';
 import { buildIcmp, buildPacket, encodeOptions, icmpChecksumsOk, parsePacket, quoteOf, requote, u32, type PacketSpec, type TcpOptions } from './fixtures/bpf/packets.ts';
@@ -489,6 +489,32 @@ describe('bpf vectors', function () {
       pass('a 20-byte frame of a local experimental ethertype', short);
       const st = t.maps.state(w.id);
       assert.equal(st?.side[SIDE_CLIENT].packets ?? 0n, 0n, 'nothing was translated');
+    });
+  });
+
+  // The daemon confirms a flag it wrote once every run in progress at the write has ended
+  // (docs/handover.md, rule 9): each run must be counted when it ends, on every path out.
+  describe('run counts', () => {
+    before(function () { if (!t.obj) this.skip(); stitched(); });
+
+    it('run counts - every run is counted as begun and as finished, whatever its way out', () => {
+      const good = w.c2a({ seq: w.sC(400), ack: w.sAc(200), flags: 'PA', payload: 10, options: w.ts(1, 2) });
+      const udp = Buffer.from(good); udp[23] = 17;
+      const doff = Buffer.from(good); doff[14 + 20 + 12] = 0x40;
+      const frames: Array<[Buffer, { mark?: number }]> = [
+        [good, {}], // translated and redirected
+        [w.b2a({ seq: w.sB(11), ack: w.sAv(w.kToM(700)), flags: 'A', options: w.ts(w.ts0.b + 1, w.ts0.av + 1) }), {}],
+        [udp, {}], [doff, {}], [good.subarray(0, 14 + 20 + 10), {}], // passed untouched
+        [good, { mark: DEFAULT_CLONE_MARK + 1 }], // S's own packet to the shell
+        [w.c2a({ sport: P1 + 1, seq: 1, flags: 'S', options: { mss: 1460 } }), {}], // another flow of the shell: tracked
+      ];
+      const before = t.maps.runs();
+      for (const [frame, o] of frames) t.run(frame, o);
+      const after = t.maps.runs();
+      const sum = (x: bigint[]) => x.reduce((a, b) => a + b, 0n);
+      assert.equal(sum(after.begun) - sum(before.begun), BigInt(frames.length), 'runs begun');
+      assert.equal(sum(after.done) - sum(before.done), BigInt(frames.length), 'runs finished');
+      assert.deepEqual(runsInProgress(after), [], 'no run in progress once they returned');
     });
   });
 

@@ -53,7 +53,7 @@ export const DRAIN_HOLD_NS = 1_000_000n;
 export const STATS = [
   'packets', 'notTcp', 'malformed', 'tracked', 'syn', 'mssClamped', 'translated', 'shellDropped',
   'shellPassed', 'clones', 'cloneFailed', 'injectedDrops', 'staleGeneration', 'errors', 'icmpTranslated', 'shellAnswered',
-  'stateChanges',
+  'stateChanges', 'runsDone',
 ] as const;
 export type StatName = typeof STATS[number];
 

@@ -26,8 +26,7 @@
 #include "translate.h"
 #include "icmp.h"
 
-SEC("tc")
-int stitch_tc(struct __sk_buff *skb)
+static __always_inline int stitch_run(struct __sk_buff *skb)
 {
 	struct global_cfg *g = get_cfg();
 	struct scratch *s;
@@ -39,7 +38,6 @@ int stitch_tc(struct __sk_buff *skb)
 
 	if (!g)
 		return TC_ACT_OK;
-	stat_inc(ST_PACKETS);
 	if (g->clone_mark && skb->mark == g->clone_mark)
 		return handle_clone(skb);
 	/* At egress (combined mode, on the interface toward the shell) only this host's own packets
@@ -79,6 +77,27 @@ int stitch_tc(struct __sk_buff *skb)
 		stat_inc(ST_STALE_GEN);
 	}
 	return track_packet(skb, from_shell ? 0 : 1);
+}
+
+/* Every run is counted when it begins and when it ends, per CPU. A flag the daemon writes (rules 9
+ * and 11, docs/handover.md) is then known to be seen by every later run once each CPU's run that
+ * was in progress at the write has ended: the daemon waits for that (a few microseconds) instead
+ * of a timer. The begin count is an atomic add, a full barrier on x86: the run's reads of the
+ * flags cannot pass it, as the daemon's read of the counts cannot pass its (locked) map write.
+ * Runs on one CPU do not nest: tc runs with bottom halves off, and redirects to an ingress queue. */
+SEC("tc")
+int stitch_tc(struct __sk_buff *skb)
+{
+	__u32 k = 0;
+	struct global_stats *st = bpf_map_lookup_elem(&stats, &k);
+	int r;
+
+	if (st)
+		__sync_fetch_and_add(&st->c[ST_PACKETS], 1);
+	r = stitch_run(skb);
+	if (st)
+		st->c[ST_RUNS_DONE]++;
+	return r;
 }
 
 /* GPL: the kernel requires a GPL-compatible license for bpf_loop and the redirect helpers */

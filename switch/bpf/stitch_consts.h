@@ -89,7 +89,7 @@
 #define DRAIN_HOLD_NS   1000000ULL
 
 /* global_stats.c[] indexes (per CPU) */
-#define ST_PACKETS       0   /* packets the program saw */
+#define ST_PACKETS       0   /* program runs begun (packets seen); atomic: see stitch_tc */
 #define ST_NOT_TCP       1   /* passed: not IPv4/TCP, fragments */
 #define ST_MALFORMED     2   /* passed: truncated, bad lengths, bad options */
 #define ST_TRACKED       3   /* packets of the shell's flows tracked */
@@ -106,6 +106,7 @@
 #define ST_ICMP          14  /* ICMP errors about a stitched flow translated back */
 #define ST_SHELL_ANSWERED 15 /* S answered the shell for a far end: it missed an ack or window (rule 10) */
 #define ST_STATE_CHANGES 16  /* a stitch's phase or end bits changed: the daemon re-reads settled ones */
+#define ST_RUNS_DONE     17  /* program runs finished: ST_PACKETS - ST_RUNS_DONE is the run in progress */
 #define ST_COUNT         32  /* a power of two (stat_inc masks with it) */
 
 #endif
