@@ -531,6 +531,10 @@ export const QUIET_DRAIN_MS = 1000;
  */
 export const SETTLED_POLL_MS = 100;
 
+/** The poll period while a stitch's drain condition holds: its end is a millisecond away, and
+ *  the agent waits for the daemon to see it (the 10-ms period made it 0-10 ms late). */
+export const HOLD_POLL_MS = 1;
+
 /** From this many stitches due in one poll, their states are read with one batch call. */
 export const BATCH_READ_FROM = 200;
 
@@ -956,6 +960,9 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
   const unsettled = new Set<number>();
   /** The ids of stitches with a run mark not yet cleared: polled again at once. */
   const confirming = new Set<number>();
+  /** The ids of draining stitches whose drain condition held at the last read: the program switches
+   *  them 1 ms later, on a packet (rule 8), or the daemon does (idle): polled every HOLD_POLL_MS. */
+  const holding = new Set<number>();
   // A flag the daemon before wrote may still race a run, as one this daemon writes would.
   const adoptRuns = adoption.adopted.length ? maps.runs() : undefined;
   for (const inst of adoption.adopted) {
@@ -1052,6 +1059,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
     }
     const s = statusOf(id, st, reportedFlags(inst, st));
     if (s.state === 'draining') unsettled.add(id); else unsettled.delete(id);
+    if (s.state === 'draining' && st.drainOkNs !== 0n) holding.add(id); else holding.delete(id);
     if (inst.commitRuns || inst.startRuns || inst.forceRuns) confirming.add(id); else confirming.delete(id);
     if (!inst.last || inst.last.state !== s.state || inst.last.reason !== s.reason) {
       log.info('stitch state', { id, state: s.state, reason: s.reason });
@@ -1146,7 +1154,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
   const tick = () => { timer = undefined; poll(); schedule(); };
   const schedule = () => {
     if (closed || installed.size === 0) return;
-    const ms = unsettled.size > 0 ? options.pollIntervalMs ?? 10 : SETTLED_POLL_MS;
+    const ms = holding.size > 0 ? HOLD_POLL_MS : unsettled.size > 0 ? options.pollIntervalMs ?? 10 : SETTLED_POLL_MS;
     if (timer && timerMs <= ms) return;
     if (timer) clearTimeout(timer);
     timerMs = ms;
@@ -1214,6 +1222,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       installed.delete(id);
       unsettled.delete(id);
       confirming.delete(id);
+      holding.delete(id);
       const last = maps.remove(inst);
       log.info('stitch removed', { id, state: last ? statusOf(id, last, inst.cfg.flags).state : 'unknown' });
       unschedule();
