@@ -11,7 +11,7 @@ export interface Raw {
   when: string; kernel: string; cpus: number; runtimeS: number;
   /** Seconds each part took. */
   parts: Record<string, number>;
-  settings: { rounds: number; seconds: number; rttSamples: number; handoverRounds: number; handoverConns: number; handoverMiB: number };
+  settings: { rounds: number; targetRounds?: number; seconds: number; rttSamples: number; handoverRounds: number; handoverConns: number; handoverMiB: number };
   throughput: Run[];
   rtt?: { routed: Rtt; shellRelay: Rtt; stitched: Rtt; handover?: RttHandover | { error: string } };
   handover: HandoverRun[];
@@ -227,7 +227,7 @@ export function render(raw: Raw): { md: string; json: unknown } {
     '| figure | measured | target | verdict | why (when missed) |', '|---|---|---|---|---|',
     ...t.map((x) => `| ${x.figure} | ${x.measured} | ${x.target} | ${x.verdict} | ${x.why ?? ''} |`), '',
     '## Throughput', '',
-    `${raw.settings.rounds} interleaved rounds; iperf3 -i 1 -J, ${raw.settings.seconds} s per run (stitched: ${raw.settings.seconds + 3} s, counting only the 1-s intervals that start ≥ 1 s after \`tcp-stitch stitch --all\` returned); medians; ratios against routed.`, '',
+    `${raw.settings.rounds} interleaved rounds of every mode${(raw.settings.targetRounds ?? 0) > raw.settings.rounds ? `, then routed and stitched alone up to ${raw.settings.targetRounds} rounds (single runs here range over ±25 %)` : ''}; iperf3 -i 1 -J, ${raw.settings.seconds} s per run (stitched: ${raw.settings.seconds + 3} s, counting only the 1-s intervals that start ≥ 1 s after \`tcp-stitch stitch --all\` returned); medians; ratios against routed.`, '',
     '| mode | C→B Gbit/s | ratio | B→C Gbit/s | ratio | retransmits C→B / B→C (median, sender, whole run) | runs failed |', '|---|---|---|---|---|---|---|',
     ...s.modes.map((m) => `| ${m.mode} | ${f(m.c2b)} | ${f(m.c2b / by.routed.c2b)} | ${f(m.b2c)} | ${f(m.b2c / by.routed.b2c)} | ${f(m.retransC2B, 0)} / ${f(m.retransB2C, 0)} | ${m.failed}/${m.runs} |`), '',
     '"stitched" and "shell relay" go through the shell with a plain core: iperf3 on B is the shell\'s core, the same server routed and HAProxy use. ' +

@@ -21,6 +21,6 @@ if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modu
   echo "bootstrap: npm ci"
   npm ci --no-audit --no-fund --loglevel=error   # its postinstall builds the native parts
 elif [ ! -f switch/native/build/Release/tcp_stitch_bpf.node ] || [ ! -f sdk/native/build/Release/tcp_stitch_splice.node ] \
-  || [ sdk/native/splice_addon.c -nt sdk/native/build/Release/tcp_stitch_splice.node ] || { [ -f switch/bpf/Makefile ] && ! make -q -s -C switch/bpf 2>/dev/null; }; then
+  || [ sdk/native/splice_addon.c -nt sdk/native/build/Release/tcp_stitch_splice.node ] || [ switch/native/bpf_addon.c -nt switch/native/build/Release/tcp_stitch_bpf.node ] || { [ -f switch/bpf/Makefile ] && ! make -q -s -C switch/bpf 2>/dev/null; }; then
   node scripts/build-native.js
 fi

@@ -22,7 +22,7 @@ import {
   type FlowVal, type GlobalCfg,
 } from '../switch/bpf/layout.ts';
 import { DEFAULT_CLONE_MARK, STITCH_OBJECT, StitchMaps, clientLegKey, coreLegKey, createEbpfDatapath, openStitchObject, quietDrainDue, runsInProgress, statusOf, type StitchObject } from '../switch/datapath.ts';
-import { mapDelete, mapNextKey, mapUpdate, progTestRun } from '../switch/native/index.ts';
+import { mapDelete, mapNextKey, mapUpdate, progTestRun, ringbufWatch } from '../switch/native/index.ts';
 import type { StitchSpec } from '../switch/stitch-types.ts';
 import { buildIcmp, buildPacket, encodeOptions, icmpChecksumsOk, parsePacket, quoteOf, requote, u32, type PacketSpec, type TcpOptions } from './fixtures/bpf/packets.ts';
 
@@ -612,9 +612,9 @@ describe('bpf vectors', function () {
       assert.equal(statusOf(w.id, t.maps.state(w.id)!).state, 'closing');
       // The daemon re-reads settled stitches only when this count moved: every change counted, no
       // repeat counted.
-      const c1 = t.maps.stateChanges();
+      const c1 = t.maps.counter('stateChanges');
       t.vector({ ...cFin, description: 'C FIN again' });
-      assert.equal(t.maps.stateChanges(), c1, 'a repeated FIN changes nothing');
+      assert.equal(t.maps.counter('stateChanges'), c1, 'a repeated FIN changes nothing');
       t.vector({
         description: 'B acks C\'s FIN', input: w.b2a({ seq: w.sB(jb), ack: w.sAv(w.kToM(k) + 1), win: 30 }), expectedReturn: TC_ACT_REDIRECT,
         expectedOutput: w.a2c({ seq: w.sAc(w.jToI(jb)), ack: w.sC(k + 1), ttl: 63, win: 60 }),
@@ -626,14 +626,14 @@ describe('bpf vectors', function () {
       let st = t.maps.state(w.id)!;
       assert.equal(st.term, (TERM_FIN << SIDE_CLIENT) | (TERM_FIN << SIDE_CORE) | (TERM_FIN_ACKED << SIDE_CLIENT));
       assert.equal(statusOf(w.id, st).state, 'closing');
-      assert.equal(t.maps.stateChanges(), c1 + 2n, 'B\'s ack of C\'s FIN and B\'s FIN: two changes');
+      assert.equal(t.maps.counter('stateChanges'), c1 + 2n, 'B\'s ack of C\'s FIN and B\'s FIN: two changes');
       t.vector({
         description: 'C acks B\'s FIN', input: w.c2a({ seq: w.sC(k + 1), ack: w.sAc(w.jToI(jb) + 1), win: 100 }), expectedReturn: TC_ACT_REDIRECT,
         expectedOutput: w.a2b({ seq: w.sAv(w.kToM(k + 1)), ack: w.sB(jb + 1), ttl: 63, win: 50 }),
       });
       st = t.maps.state(w.id)!;
       assert.deepEqual([statusOf(w.id, st).state, statusOf(w.id, st).reason], ['closed', 'fin']);
-      assert.equal(t.maps.stateChanges(), c1 + 3n, 'C\'s ack of B\'s FIN: one more');
+      assert.equal(t.maps.counter('stateChanges'), c1 + 3n, 'C\'s ack of B\'s FIN: one more');
     });
 
     it('stitched - RST from B passes translated; the entry is closed (rst)', () => {
@@ -645,6 +645,22 @@ describe('bpf vectors', function () {
       const st = t.maps.state(w.id)!;
       assert.equal(st.term & (TERM_RST << SIDE_CORE), TERM_RST << SIDE_CORE);
       assert.deepEqual([statusOf(w.id, st).state, statusOf(w.id, st).reason], ['closed', 'core-rst']);
+    });
+
+    it('stitched - a change of phase or end bits is put in the events ring as {id, gen}, and ringbufWatch hands it over as it comes', async () => {
+      stitched();
+      const gen = t.maps.state(w.id)!.gen;
+      let wake!: () => void;
+      const got = new Promise<void>((r) => { wake = r; });
+      const watch = ringbufWatch(t.obj.maps.events, (records) => {
+        for (let o = 0; o + 8 <= records.length; o += 8) if (records.readUInt32LE(o) === w.id && records.readUInt32LE(o + 4) === gen) wake();
+      });
+      try {
+        const lost = t.maps.counter('eventsLost');
+        t.run(w.b2a({ seq: w.sB(50), ack: w.sAv(w.kToM(400)), flags: 'RA', win: 0 }));
+        await got; // (mocha's timeout fails the test when no record comes)
+        assert.equal(t.maps.counter('eventsLost'), lost, 'the ring had room');
+      } finally { await watch.close(); }
     });
 
     it('stitched - drop injector: at 1e6 per million every translated packet is dropped and counted', () => {

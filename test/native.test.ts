@@ -5,13 +5,13 @@
 
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { DatapathError } from '../sdk/errors.ts';
 import {
-  closeFd, mapDelete, mapInfo, mapLookup, mapLookupBatch, mapNextKey, mapUpdate, mapUpdateBatch, objGet, progTestRun,
+  closeFd, mapDelete, mapInfo, mapLookup, mapLookupBatch, mapNextKey, mapUpdate, mapUpdateBatch, objGet, progTestRun, ringbufWatch,
   type NativeDatapathError,
 } from '../switch/native/index.ts';
 
@@ -220,6 +220,19 @@ describe('native - behaviour', function () {
       throwsDatapath(() => mapLookupBatch(hashFd, Buffer.alloc(16), Buffer.alloc(16)), 'EINVAL', 'values');
       assert.equal(mapLookup(hashFd, u64(7), 16), null);
       assert.equal(mapNextKey(hashFd, null, 8), null);
+    });
+
+    it('ringbufWatch: a map that is not a ring buffer, or a callback that is not a function, is refused; close() releases what it opened', async function () {
+      throwsDatapath(() => ringbufWatch(hashFd, () => undefined), 'EINVAL');
+      const ring = createMap('ring', 'type ringbuf key 0 value 0 entries 4096');
+      throwsDatapath(() => ringbufWatch(ring, 'x' as never), 'EINVAL', 'onRecords');
+      const open = () => readdirSync('/proc/self/fd').length;
+      const before = open();
+      const watch = ringbufWatch(ring, () => undefined);
+      assert.ok(open() > before, 'the watch holds an epoll fd');
+      await watch.close();
+      await watch.close();
+      assert.equal(open(), before, 'closed: nothing left open');
     });
 
     it('an fd that is not a map, or is closed, is refused', function () {

@@ -53,12 +53,12 @@ export const DRAIN_HOLD_NS = 1_000_000n;
 export const STATS = [
   'packets', 'notTcp', 'malformed', 'tracked', 'syn', 'mssClamped', 'translated', 'shellDropped',
   'shellPassed', 'clones', 'cloneFailed', 'injectedDrops', 'staleGeneration', 'errors', 'icmpTranslated', 'shellAnswered',
-  'stateChanges', 'runsDone',
+  'stateChanges', 'runsDone', 'eventsLost',
 ] as const;
 export type StatName = typeof STATS[number];
 
 /** The names the maps are pinned under (bpftool ... pinmaps DIR). */
-export const MAP_NAMES = ['flows', 'legs', 'stitch_cfg', 'stitch_state', 'config', 'stats'] as const;
+export const MAP_NAMES = ['flows', 'legs', 'stitch_cfg', 'stitch_state', 'config', 'stats', 'events'] as const;
 export type MapName = typeof MAP_NAMES[number];
 
 // ---------------------------------------------------------------------------------------------------

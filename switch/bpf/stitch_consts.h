@@ -107,6 +107,7 @@
 #define ST_SHELL_ANSWERED 15 /* S answered the shell for a far end: it missed an ack or window (rule 10) */
 #define ST_STATE_CHANGES 16  /* a stitch's phase or end bits changed: the daemon re-reads settled ones */
 #define ST_RUNS_DONE     17  /* program runs finished: ST_PACKETS - ST_RUNS_DONE is the run in progress */
+#define ST_EVENTS_LOST   18  /* a state change the events ring had no room for: the daemon sweeps the table */
 #define ST_COUNT         32  /* a power of two (stat_inc masks with it) */
 
 #endif

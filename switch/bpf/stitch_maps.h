@@ -55,6 +55,13 @@ struct {
 	__type(value, struct global_stats);
 } stats SEC(".maps");
 
+/* events: {id, gen} of a stitch whose phase or end bits changed (translate.h, state_changed), read by
+ * the daemon as they come; 256 KiB holds 16384 (a record is 8 bytes behind an 8-byte header). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
 /* scratch: per-CPU working memory (parsed packet, header copies), keeps the 512-byte stack free. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

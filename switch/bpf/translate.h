@@ -97,20 +97,31 @@ static __always_inline __u32 sack_rewrite(struct scratch *s, __u32 delta, __u32 
 	return kept;
 }
 
-/* A stitch's phase and end bits change only through these two, which count every change
- * (ST_STATE_CHANGES): the daemon re-reads its settled stitches only when the count moved. */
+/* A stitch's phase and end bits change only through phase_cas and term_or, which count every
+ * change (ST_STATE_CHANGES) and tell the daemon which stitch changed (the events ring), after the
+ * change: what it reads then is at least as new. A change the ring has no room for is counted
+ * (ST_EVENTS_LOST), and the daemon then reads the whole table. */
+static __always_inline void state_changed(const struct stitch_state *st)
+{
+	__u32 ev[2] = { st->id, st->gen };
+
+	stat_inc(ST_STATE_CHANGES);
+	if (bpf_ringbuf_output(&events, ev, sizeof(ev), 0))
+		stat_inc(ST_EVENTS_LOST);
+}
+
 static __always_inline int phase_cas(struct stitch_state *st, __u32 from, __u32 to)
 {
 	if (__sync_val_compare_and_swap(&st->phase, from, to) != from)
 		return 0;
-	stat_inc(ST_STATE_CHANGES);
+	state_changed(st);
 	return 1;
 }
 
 static __always_inline void term_or(struct stitch_state *st, __u32 bits)
 {
 	if ((__sync_fetch_and_or(&st->term, bits) & bits) != bits)
-		stat_inc(ST_STATE_CHANGES);
+		state_changed(st);
 }
 
 /* Stream s (far s's bytes): the other far end acknowledged everything the shell was handed of it. */

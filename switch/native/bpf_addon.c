@@ -1,7 +1,8 @@
 // tcp_stitch_bpf: a direct, synchronous path from Node to the switch's pinned eBPF maps and programs.
 //
 // Plain Node-API (node_api.h) over libbpf's low-level bpf.h wrappers. Every call is one or two
-// bpf(2) syscalls on the JS thread; nothing is asynchronous, nothing is loaded or attached here.
+// bpf(2) syscalls on the JS thread; nothing is loaded or attached here. The one asynchronous piece
+// is ringbufWatch: a ring buffer map's records, handed to a JS callback by the event loop.
 //
 // File descriptors are explicit: objGet() returns a new fd and the caller owns it until closeFd().
 // Map key/value sizes are cached per fd (first use does one BPF_OBJ_GET_INFO_BY_FD) so that every
@@ -26,6 +27,7 @@
 #include <bpf/libbpf.h>
 #include <linux/bpf.h>
 #include <node_api.h>
+#include <uv.h>
 
 #ifndef ENOTSUPP
 #define ENOTSUPP 524 // kernel-internal "operation not supported", leaks out of bpf(2)
@@ -641,6 +643,160 @@ done:
 }
 
 // ---------------------------------------------------------------------------------------------
+// ringbufWatch(fd, callback(records: Buffer)): watch — ringbufClose(watch, onClosed)
+//
+// libbpf's ring_buffer on the map, its epoll fd watched by the event loop (uv_poll, unref'd: the
+// watch alone keeps no process alive). When records are ready they are consumed at once, and the
+// callback gets them in one Buffer, each as written (the program's records are of one size).
+
+struct watch {
+  uv_poll_t poll;
+  struct ring_buffer *rb;
+  napi_env env;
+  napi_ref callback, closed_callback;
+  napi_async_context async;
+  uint8_t *buf;
+  size_t len, cap;
+  int closed;
+};
+
+static int on_record(void *ctx, void *data, size_t size) {
+  struct watch *w = ctx;
+  if (w->len + size > w->cap) {
+    size_t cap = w->cap ? w->cap : 4096;
+    while (cap < w->len + size) cap *= 2;
+    uint8_t *b = realloc(w->buf, cap);
+    if (!b) return -ENOMEM; // the records left stay in the ring for the next wake-up
+    w->buf = b;
+    w->cap = cap;
+  }
+  memcpy(w->buf + w->len, data, size);
+  w->len += size;
+  return 0;
+}
+
+// Calls the function behind ref from the event loop, with the records (or none) as its argument.
+static void call_back(struct watch *w, napi_ref ref, int with_records) {
+  napi_env env = w->env;
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(env, &scope) != napi_ok) return;
+  napi_value cb, recv, arg, result;
+  // (the receiver must be an object: napi_make_callback converts it, and undefined throws)
+  if (napi_get_reference_value(env, ref, &cb) == napi_ok && cb && napi_get_global(env, &recv) == napi_ok &&
+      (!with_records ||
+       napi_create_buffer_copy(env, w->len, w->len ? w->buf : (const void *)"", NULL, &arg) == napi_ok))
+    napi_make_callback(env, w->async, recv, cb, with_records ? 1 : 0, &arg, &result);
+  bool pending = false;
+  napi_value err;
+  if (napi_is_exception_pending(env, &pending) == napi_ok && pending &&
+      napi_get_and_clear_last_exception(env, &err) == napi_ok)
+    napi_fatal_exception(env, err); // as an exception thrown by any other event-loop callback
+  napi_close_handle_scope(env, scope);
+}
+
+static void on_readable(uv_poll_t *handle, int status, int events) {
+  struct watch *w = handle->data;
+  if (w->closed) return;
+  w->len = 0;
+  ring_buffer__consume(w->rb); // a failure (ENOMEM above) leaves records for the next call
+  call_back(w, w->callback, 1);
+}
+
+static void on_closed(uv_handle_t *handle) {
+  struct watch *w = handle->data;
+  ring_buffer__free(w->rb);
+  if (w->closed_callback) {
+    call_back(w, w->closed_callback, 0);
+    napi_delete_reference(w->env, w->closed_callback);
+  }
+  napi_delete_reference(w->env, w->callback);
+  napi_async_destroy(w->env, w->async);
+  free(w->buf);
+  free(w);
+}
+
+static napi_value ringbuf_watch(napi_env env, napi_callback_info info) {
+  static const char op[] = "ringbufWatch";
+  napi_value argv[2];
+  int fd;
+  napi_valuetype t;
+  if (get_args(env, info, 2, argv) || get_fd(env, argv[0], op, &fd)) return NULL;
+  if (napi_typeof(env, argv[1], &t) != napi_ok || t != napi_function)
+    return THROW_ARG(env, op, "callback", "%s: callback must be a function", op);
+  struct bpf_map_info mi;
+  uint32_t mi_len = sizeof mi;
+  memset(&mi, 0, sizeof mi);
+  if (bpf_obj_get_info_by_fd(fd, &mi, &mi_len) < 0)
+    return throw_error(env, errno, "bpf_obj_get_info_by_fd", NULL, "%s(%d)", op, fd);
+  if (mi.type != BPF_MAP_TYPE_RINGBUF) // (checked here: libbpf would also print to stderr)
+    return throw_error(env, EINVAL, "ring_buffer__new", NULL, "%s(%d): not a ring buffer map", op, fd);
+  struct watch *w = calloc(1, sizeof *w);
+  if (!w) return throw_error(env, ENOMEM, "calloc", NULL, "%s", op);
+  w->env = env;
+  w->rb = ring_buffer__new(fd, on_record, w, NULL);
+  if (!w->rb) {
+    int err = errno;
+    free(w);
+    return throw_error(env, err, "ring_buffer__new", NULL, "%s(%d)", op, fd);
+  }
+  uv_loop_t *loop;
+  napi_value name, resource;
+  int r = -1;
+  // (a NULL resource makes Node 20's napi_async_init throw)
+  if (napi_get_uv_event_loop(env, &loop) == napi_ok &&
+      napi_create_string_utf8(env, "tcp-stitch:ringbuf", NAPI_AUTO_LENGTH, &name) == napi_ok &&
+      napi_create_object(env, &resource) == napi_ok &&
+      napi_async_init(env, resource, name, &w->async) == napi_ok) {
+    r = uv_poll_init(loop, &w->poll, ring_buffer__epoll_fd(w->rb));
+    if (r == 0) {
+      w->poll.data = w;
+      r = uv_poll_start(&w->poll, UV_READABLE, on_readable);
+      if (r != 0) {
+        napi_create_reference(env, argv[1], 1, &w->callback);
+        uv_close((uv_handle_t *)&w->poll, on_closed);
+        return throw_error(env, -r, "uv_poll_start", NULL, "%s(%d)", op, fd);
+      }
+    } else {
+      napi_async_destroy(env, w->async);
+    }
+  }
+  if (r != 0) {
+    ring_buffer__free(w->rb);
+    free(w);
+    return throw_error(env, r < 0 ? -r : EINVAL, "uv_poll_init", NULL, "%s(%d)", op, fd);
+  }
+  uv_unref((uv_handle_t *)&w->poll);
+  napi_value ext;
+  if (napi_create_reference(env, argv[1], 1, &w->callback) != napi_ok ||
+      napi_create_external(env, w, NULL, NULL, &ext) != napi_ok) {
+    w->closed = 1;
+    uv_close((uv_handle_t *)&w->poll, on_closed);
+    return NULL;
+  }
+  return ext;
+}
+
+// ringbufClose(watch, onClosed()): onClosed runs once the ring is unmapped and its fds closed.
+static napi_value ringbuf_close(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  napi_valuetype t;
+  void *p = NULL;
+  if (get_args(env, info, 2, argv)) return NULL;
+  if (napi_typeof(env, argv[0], &t) != napi_ok || t != napi_external ||
+      napi_get_value_external(env, argv[0], &p) != napi_ok || !p)
+    return THROW_ARG(env, "ringbufClose", "watch", "ringbufClose: watch must be what ringbufWatch returned");
+  if (napi_typeof(env, argv[1], &t) != napi_ok || t != napi_function)
+    return THROW_ARG(env, "ringbufClose", "onClosed", "ringbufClose: onClosed must be a function");
+  struct watch *w = p;
+  if (w->closed) return NULL;
+  if (napi_create_reference(env, argv[1], 1, &w->closed_callback) != napi_ok) return NULL;
+  w->closed = 1;
+  uv_poll_stop(&w->poll);
+  uv_close((uv_handle_t *)&w->poll, on_closed); // frees w: the external must not be used again
+  return NULL;
+}
+
+// ---------------------------------------------------------------------------------------------
 
 static napi_value init(napi_env env, napi_value exports) {
   static const struct {
@@ -653,6 +809,7 @@ static napi_value init(napi_env env, napi_value exports) {
       {"mapUpdateBatch", map_update_batch}, {"mapLookupBatch", map_lookup_batch},
       {"mapInfo", map_info},
       {"progTestRun", prog_test_run},
+      {"ringbufWatch", ringbuf_watch}, {"ringbufClose", ringbuf_close},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value f;

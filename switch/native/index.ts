@@ -2,7 +2,8 @@
 // small Node-API addon over libbpf (switch/native/bpf_addon.c, built by `npm run build`).
 //
 // Every call is one (occasionally two) bpf(2) syscalls on the calling thread: microseconds, so
-// nothing here is async. Nothing is loaded or attached here either: that is done with bpftool/tc.
+// nothing here is async but ringbufWatch, whose callback the event loop calls. Nothing is loaded or
+// attached here either: that is done with bpftool/tc.
 //
 // File descriptors are explicit and owned by the caller: every fd from objGet() must be closed with
 // closeFd() — not fs.closeSync(), because the addon caches each map fd's key/value sizes to check
@@ -88,6 +89,8 @@ interface Addon {
   mapInfo(fd: number): MapInfo;
   progTestRun(fd: number, dataIn: Uint8Array, dataSizeOut: number, ctxIn: Uint8Array | null,
     repeat: number): ProgTestRunResult;
+  ringbufWatch(fd: number, callback: (records: Buffer) => void): object;
+  ringbufClose(watch: object, onClosed: () => void): void;
 }
 
 const ADDON_PATH = './build/Release/tcp_stitch_bpf.node';
@@ -264,4 +267,33 @@ export function progTestRun(progFd: number, dataIn: Buffer, opts: ProgTestRunOpt
   try {
     return native().progTestRun(progFd, dataIn, sizeOut, opts.ctxIn ?? null, repeat);
   } catch (e) { throw wrap(e); }
+}
+
+/** A ring buffer map being read as its records come (ringbufWatch). */
+export interface RingbufWatch {
+  /** Stops reading; resolves once the ring is unmapped and its fds closed. Idempotent. The map fd
+   *  stays the caller's. */
+  close(): Promise<void>;
+}
+
+/**
+ * Reads a BPF_MAP_TYPE_RINGBUF map as the program writes it: the event loop wakes when records are
+ * ready and `onRecords` gets all that were there, back to back in one Buffer (possibly empty).
+ * The watch does not keep the process alive. An exception thrown by onRecords is uncaught.
+ */
+export function ringbufWatch(fd: number, onRecords: (records: Buffer) => void): RingbufWatch {
+  checkFd('ringbufWatch', fd);
+  if (typeof onRecords !== 'function') throw badArg('ringbufWatch', 'onRecords', 'must be a function');
+  let w: object | undefined;
+  try { w = native().ringbufWatch(fd, onRecords); } catch (e) { throw wrap(e); }
+  let closed: Promise<void> | undefined;
+  return {
+    close() {
+      if (closed) return closed;
+      const x = w!;
+      w = undefined; // the addon frees it: never pass it twice
+      closed = new Promise<void>((resolve) => native().ringbufClose(x, resolve));
+      return closed;
+    },
+  };
 }
