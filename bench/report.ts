@@ -35,8 +35,10 @@ function verdict(measured: number, target: number, better: 'higher' | 'lower', u
   const met = better === 'higher' ? measured >= target : strict ? measured < target : measured <= target;
   if (met) return { verdict: 'met', met };
   const by = Math.abs(measured - target);
-  const rel = target === 0 ? '' : better === 'higher' ? ` (${f((1 - measured / target) * 100, 0)} % short)` : ` (${f(measured / target, 1)}x the target)`;
-  return { verdict: `missed by ${by.toFixed(digits)}${unit}${rel}`, met };
+  // A miss that rounds to nothing is shown with the digits it needs (0.949 against 0.95: 0.001).
+  const d = Math.max(digits, Math.min(6, Math.ceil(-Math.log10(by))));
+  const rel = target === 0 ? '' : better === 'higher' ? ` (${f((1 - measured / target) * 100, 1)} % short)` : ` (${f(measured / target, 1)}x the target)`;
+  return { verdict: `missed by ${by.toFixed(d)}${unit}${rel}`, met };
 }
 
 // A stitch that never reached phase 3 (its connection ended while it drained) counts at the
@@ -140,7 +142,7 @@ function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
         `on the same two vCPUs as C, A and B. Per round: ${pairs(raw, reverse)}.` +
         (failures.length ? ` ${failures.length} stitched run(s) failed: ${failures[0]!.error}` : '');
     }
-    out.push({ figure: `stitched / routed throughput ${name}`, measured: f(s.ratio[k]), target: '≥ 0.95', ...v, value: s.ratio[k], ...(why && { why }) });
+    out.push({ figure: `stitched / routed throughput ${name}`, measured: f(s.ratio[k], 3), target: '≥ 0.95', ...v, value: s.ratio[k], ...(why && { why }) });
   }
   const cr = s.cpu.phase3 / s.cpu.phase2;
   const cv = verdict(cr, 0.01, 'lower', '', 4);

@@ -14,7 +14,7 @@
 //   bench/diagnose.ts    which half of the drain condition a stuck stitch waits on (switch log)
 //   bench/report.ts      targets table, tables, report.json
 //
-// Environment: BENCH_ROUNDS (3), BENCH_TARGET_ROUNDS (9: rounds of routed and stitched), BENCH_SECONDS (4), BENCH_RTT_SAMPLES (3000), BENCH_HANDOVER_ROUNDS (2),
+// Environment: BENCH_ROUNDS (3), BENCH_TARGET_ROUNDS (9: rounds of routed and stitched), BENCH_SECONDS (6), BENCH_RTT_SAMPLES (3000), BENCH_HANDOVER_ROUNDS (2),
 // BENCH_HANDOVER_CONNS (20), BENCH_HANDOVER_MIB (40).
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
@@ -33,7 +33,7 @@ const num = (name: string, dflt: number) => {
   return v;
 };
 const settings = {
-  rounds: num('BENCH_ROUNDS', 3), targetRounds: num('BENCH_TARGET_ROUNDS', 9), seconds: num('BENCH_SECONDS', 4), rttSamples: num('BENCH_RTT_SAMPLES', 3000),
+  rounds: num('BENCH_ROUNDS', 3), targetRounds: num('BENCH_TARGET_ROUNDS', 9), seconds: num('BENCH_SECONDS', 6), rttSamples: num('BENCH_RTT_SAMPLES', 3000),
   handoverRounds: num('BENCH_HANDOVER_ROUNDS', 2), handoverConns: num('BENCH_HANDOVER_CONNS', 20), handoverMiB: num('BENCH_HANDOVER_MIB', 40),
 };
 const out = join(PROJECT_ROOT, 'bench/out');
