@@ -147,6 +147,12 @@ describe('stitch smoke (namespaces, eBPF datapath)', function () {
     assert.equal(nb['TcpExt.PAWSEstab'] ?? 0, 0, 'no PAWS drop at B');
     assert.equal(nc['Tcp.InCsumErrors'] ?? 0, 0, 'no checksum error at C');
     assert.equal(nb['Tcp.InCsumErrors'] ?? 0, 0, 'no checksum error at B');
+    // Both ends sent FIN and acknowledged the other's: the program reports the end in its events
+    // ring, and the daemon reads it from there (its sweep of settled stitches runs only when a
+    // record was lost): without the ring nothing would report it.
+    const closed = await b.driver.wait((o) => o.event === 'state' && (o.status as { state: string }).state === 'closed', 'closed', 10_000);
+    assert.equal((closed.status as { reason: string }).reason, 'fin');
+    assert.doesNotMatch(b.driver.errText, /events ring not watched/);
     await closeDriver(topo, b.driver);
   });
 
