@@ -9,7 +9,7 @@
 //      until the bench says so: without a stitch each is the phase-2 relay), HAProxy in TCP mode.
 //      Pairs `iperf` and `rtt` have a plain core (--plain-core: the server itself, so stitched and
 //      routed end in the same socket); `iperfCore` and `load` go through `tcp-stitch core`.
-import type { ChildProcess } from 'node:child_process';
+import { execFileSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -53,6 +53,8 @@ export interface Bed {
   echo: ChildProcess;
   /** Where the switch's maps are pinned (readable from here: the bpffs lives in the root namespace). */
   mapsDir: string;
+  /** bench/rtt-probe.c, built for this bed. */
+  rttProbe: string;
   close(): Promise<void>;
 }
 
@@ -68,6 +70,9 @@ export async function startBed(): Promise<Bed> {
   };
   try {
     const { a, b } = topo;
+    // The round-trip probe in C (bench/rtt-probe.c): its own pauses stay out of the figures.
+    const rttProbe = join(dir, 'rtt-probe');
+    execFileSync('cc', ['-O2', '-Wall', '-o', rttProbe, join(PROJECT_ROOT, 'bench/rtt-probe.c')], { stdio: ['ignore', 'ignore', 'pipe'] });
     // One key per shell (and its core), all of them known to the switch: shells sharing a key share
     // its request sequence space, and two agents discovering at once get REPLAYED.
     const keys = { iperf: generateKey(), iperfCore: generateKey(), rtt: generateKey(), load: generateKey() };
@@ -84,7 +89,7 @@ export async function startBed(): Promise<Bed> {
     b.spawn('iperf3', ['-s', '-p', String(PORTS.backendIperf), '-B', '127.0.0.1'], { stdio: 'ignore' });
     // The like-for-like routed baseline: B's iperf3 behind the same relay code the core uses.
     nodeInNs(b, 'test/fixtures/forward.ts', [b.addr, String(PORTS.forward), '127.0.0.1', String(PORTS.backendIperf)], { stdio: 'ignore' });
-    nodeInNs(b, 'test/fixtures/rtt.ts', ['server', '0.0.0.0', String(PORTS.rtt)], { stdio: 'ignore' });
+    b.spawn(rttProbe, ['server', '0.0.0.0', String(PORTS.rtt)], { stdio: 'ignore' });
     const echo = nodeInNs(b, 'test/fixtures/echo-backend.ts', ['127.0.0.1', String(PORTS.echo)], { stdio: ['ignore', 'pipe', 'ignore'] });
     echo.stdout!.resume(); // verdict lines; the load client's own check is what the bench reads
 
@@ -118,7 +123,7 @@ export async function startBed(): Promise<Bed> {
       a.waitForListen(PORTS.haproxy, 60_000),
       ...Object.values(pairs).map((p) => waitForLog(p.shell, p.logs.shell, /"stitching available"/, 1, 60_000)),
     ]);
-    return { topo, sw, pairs, echo, mapsDir: join(topo.bpffs!, 'tcp-stitch-to-a', 'maps'), close };
+    return { topo, sw, pairs, echo, rttProbe, mapsDir: join(topo.bpffs!, 'tcp-stitch-to-a', 'maps'), close };
   } catch (e) {
     await close();
     throw e;

@@ -173,8 +173,9 @@ function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
       target: '< 2 ms', ...lv, value: live.during.maxUs / 1000,
       ...(lv.met === false && {
         why: live.outside.maxUs >= live.during.maxUs
-          ? 'round trips of this run outside the handover reach that far too (see the measured column): these vCPUs are shared by C, S, A and B'
-          : `the longest round trip outside the handover was ${f(live.outside.maxUs / 1000, 1)} ms: during it the drain's 1 ms hold and the switch's read of the state, on vCPUs shared by C, S, A and B`,
+          ? 'round trips of this run outside the handover reach that far too (see the measured column): in phase 2 every ping crosses the shell\'s JavaScript event loop, and these vCPUs are shared by C, S, A and B'
+          : 'the ping that waits longest is one that reaches the shell while its event loop is busy with the stitch itself (the control request, the decision, the STITCH and its answer): the relay of phase 2 runs in the same JavaScript thread; ' +
+            `no retransmission is involved (netstat in scratch runs). Outside the handover the longest was ${f(live.outside.maxUs / 1000, 1)} ms (docs/handover.md, Open)`,
       }) });
   }
   const dv = verdict(h.dpP99, 2, 'lower', ' ms', 2, true);
@@ -247,7 +248,7 @@ export function render(raw: Raw): { md: string; json: unknown } {
   ];
   if (raw.rtt) {
     const r = raw.rtt;
-    md.push(`1-byte ping-pong over one TCP connection, ${r.routed.n} samples each.`, '', '| path | p50 µs | p99 µs | p50 vs routed |', '|---|---|---|---|',
+    md.push(`1-byte ping-pong over one TCP connection (bench/rtt-probe.c: C at both ends), ${r.routed.n} samples each.`, '', '| path | p50 µs | p99 µs | p50 vs routed |', '|---|---|---|---|',
       ...([['routed', r.routed], ['shell relay (phase 2)', r.shellRelay], ['stitched (phase 3)', r.stitched]] as const)
         .map(([n, x]) => `| ${n} | ${x.p50Us} | ${x.p99Us} | ${f(x.p50Us / r.routed.p50Us)} |`), '',
       'All three end in the same echo server on B: the RTT shell\'s core is plain.', '',

@@ -1,11 +1,11 @@
-// TCP round trip (1-byte ping-pong over one connection, test/fixtures/rtt.ts's client --wait against
-// its echo server on B): routed, through the shell (phase 2), and stitched (the
+// TCP round trip (1-byte ping-pong over one connection, bench/rtt-probe.c's client --wait in C
+// against its echo server on B, both in C: a JavaScript probe's own pauses of 1.5-3 ms every few ms
+// were most of what it measured): routed, through the shell (phase 2), and stitched (the
 // connection is stitched before the first ping). Then the handover as a live connection sees it:
 // the same ping-pong, stitched after a third of its pings; the round trips that overlap its
 // handover (decision → phase 3 in the shell's log, widened by the log's 1 ms resolution) against
 // the others of the same run.
 import { JsonProc } from '../test/bed.ts';
-import { nodeInNs } from '../test/hosts.ts';
 import { PORTS, quantile, stitchAllDirect, untilStatus, type Bed, type ConnView } from './bed.ts';
 import { shellHandover } from './handover.ts';
 
@@ -20,7 +20,7 @@ export interface RttHandover {
 }
 
 async function one(bed: Bed, host: string, port: number, n: number, stitch: boolean): Promise<Rtt> {
-  const p = new JsonProc('rtt client', nodeInNs(bed.topo.c, 'test/fixtures/rtt.ts', ['client', host, String(port), String(n), '--wait'], { stdio: ['pipe', 'pipe', 'pipe'] }));
+  const p = new JsonProc('rtt client', bed.topo.c.spawn(bed.rttProbe, ['client', host, String(port), String(n), '--wait'], { stdio: ['pipe', 'pipe', 'pipe'] }));
   try {
     const conn = await p.wait((o) => o.event === 'connected', 'connected');
     if (stitch) {
@@ -41,7 +41,7 @@ async function one(bed: Bed, host: string, port: number, n: number, stitch: bool
 
 async function midRun(bed: Bed, n: number): Promise<RttHandover> {
   const pair = bed.pairs.rtt;
-  const p = new JsonProc('rtt client', nodeInNs(bed.topo.c, 'test/fixtures/rtt.ts', ['client', bed.topo.a.addr, String(PORTS.shell.rtt), String(n), '--wait', '--timeline'], { stdio: ['pipe', 'pipe', 'pipe'] }));
+  const p = new JsonProc('rtt client', bed.topo.c.spawn(bed.rttProbe, ['client', bed.topo.a.addr, String(PORTS.shell.rtt), String(n), '--wait', '--timeline'], { stdio: ['pipe', 'pipe', 'pipe'] }));
   try {
     const logsFrom = pair.logs.shell.length;
     const conn = await p.wait((o) => o.event === 'connected', 'connected');

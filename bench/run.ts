@@ -5,7 +5,7 @@
 //   bench/bed.ts         the topology and everything started on it (switch, cores, shells, HAProxy)
 //   bench/throughput.ts  routed / stitched / routed + B relay / stitched + B relay / shell relay /
 //                        HAProxy, both ways; shell CPU per GiB in phase 2 and 3
-//   bench/rtt.ts         round trip routed / relayed / stitched (test/fixtures/rtt.ts), and the
+//   bench/rtt.ts         round trip routed / relayed / stitched (bench/rtt-probe.c), and the
 //                        round trips of a ping-pong stitched while it runs
 //   bench/handover.ts    stitching loaded connections: handover time, retransmissions, RTOs; again
 //                        with the shell host's TCP buffers capped
