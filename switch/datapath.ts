@@ -453,13 +453,14 @@ export interface RunCounts { begun: bigint[]; done: bigint[] }
 /** The runs in progress at some moment: [cpu, runs begun on it then]. */
 export type RunMark = Array<[number, bigint]>;
 
-/** A flag's mark before the poll that wrote it has read the runs. */
+/** A mark whose runs are not read yet (they are read once, after the last write of an install or
+ *  a poll); no poll clears it. */
 const MARK_UNREAD: RunMark = [];
 export const runsInProgress = (r: RunCounts): RunMark =>
   r.begun.flatMap((b, cpu) => (b !== r.done[cpu] ? [[cpu, b] as [number, bigint]] : []));
 /** Every run in progress at the mark has ended: runs on a CPU do not nest, so that CPU has finished
  *  as many runs as had begun then. */
-export const runsEnded = (m: RunMark, r: RunCounts): boolean => m.every(([cpu, b]) => (r.done[cpu] ?? b) >= b);
+const runsEnded = (m: RunMark, r: RunCounts): boolean => m.every(([cpu, b]) => (r.done[cpu] ?? b) >= b);
 
 /**
  * The commit entry's flags as far as the state `st` may say 'stitched'. A flag the poll wrote counts
