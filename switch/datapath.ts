@@ -960,8 +960,16 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
   const installed = new Map<number, Installed>();
   /** The ids of installed stitches not settled: the polls between sweeps read only these. */
   const unsettled = new Set<number>();
-  /** The ids of stitches with a run mark not yet cleared: polled again at once. */
-  const confirming = new Set<number>();
+  /** Some stitch has a run mark not yet cleared (polled again at once). Only draining ones matter:
+   *  a mark withholds the flag it guards, which keeps its stitch draining, and a stitch the program
+   *  itself ends no longer asks. */
+  const unconfirmed = () => {
+    for (const id of unsettled) {
+      const i = installed.get(id);
+      if (i && (i.commitRuns || i.startRuns || i.forceRuns)) return true;
+    }
+    return false;
+  };
   /** The ids of draining stitches whose drain condition held at the last read: the program switches
    *  them 1 ms later, on a packet (rule 8), or the daemon does (idle): polled every HOLD_POLL_MS. */
   const holding = new Set<number>();
@@ -974,7 +982,6 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
     if (st) inst.last = statusOf(inst.spec.id, st, reportedFlags(inst, st));
     installed.set(inst.spec.id, inst);
     unsettled.add(inst.spec.id);
-    if (inst.startRuns || inst.forceRuns) confirming.add(inst.spec.id);
   }
   const listeners: Array<(s: StitchStatus) => void> = [];
   const drain = options.drain ?? true;
@@ -1065,7 +1072,6 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
     const s = statusOf(id, st, reportedFlags(inst, st));
     if (s.state === 'draining') unsettled.add(id); else unsettled.delete(id);
     if (s.state === 'draining' && st.drainOkNs !== 0n) holding.add(id); else holding.delete(id);
-    if (inst.commitRuns || inst.startRuns || inst.forceRuns) confirming.add(id); else confirming.delete(id);
     if (!inst.last || inst.last.state !== s.state || inst.last.reason !== s.reason) {
       log.info('stitch state', { id, state: s.state, reason: s.reason });
       inst.last = s;
@@ -1100,8 +1106,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
     // The runs in progress at a mark: read before any state, so that a mark found ended here means
     // every run that took the flags before its write has left its trace in the states read below.
     let runs: RunCounts | undefined;
-    for (const id of confirming) if (!installed.has(id)) confirming.delete(id);
-    if (confirming.size > 0) {
+    if (unconfirmed()) {
       try { runs = maps.runs(); } catch (e) { log.warn('stats read failed; flags stay unconfirmed', { err: e }); }
     }
     const visit = (id: number, raw: Buffer, off: number) => {
@@ -1143,7 +1148,7 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       soon = undefined;
       poll();
       schedule();
-      if (confirming.size === 0) soonTries = 0;
+      if (!unconfirmed()) soonTries = 0;
       else if (soonTries++ < 20) pollSoon();
     };
     if (soonTries < 3) {
@@ -1213,7 +1218,6 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
           // stitched: rule 9 reads the legs' tracking once they have ended.
           r.commitRuns = MARK_UNREAD;
           flagged.push([r, 'commitRuns']);
-          confirming.add(spec.id);
         }
         // The control server logs each install at info; one line per stitch is what a burst of
         // ten thousand a second can afford (winston's JSON costs about a tenth of an install).
@@ -1229,7 +1233,6 @@ export async function createEbpfDatapath(options: EbpfDatapathOptions): Promise<
       if (!inst) return;
       installed.delete(id);
       unsettled.delete(id);
-      confirming.delete(id);
       holding.delete(id);
       const last = maps.remove(inst);
       log.info('stitch removed', { id, state: last ? statusOf(id, last, inst.cfg.flags).state : 'unknown' });
