@@ -723,12 +723,9 @@ static napi_value ringbuf_watch(napi_env env, napi_callback_info info) {
   if (get_args(env, info, 2, argv) || get_fd(env, argv[0], op, &fd)) return NULL;
   if (napi_typeof(env, argv[1], &t) != napi_ok || t != napi_function)
     return THROW_ARG(env, op, "callback", "%s: callback must be a function", op);
-  struct bpf_map_info mi;
-  uint32_t mi_len = sizeof mi;
-  memset(&mi, 0, sizeof mi);
-  if (bpf_obj_get_info_by_fd(fd, &mi, &mi_len) < 0)
-    return throw_error(env, errno, "bpf_obj_get_info_by_fd", NULL, "%s(%d)", op, fd);
-  if (mi.type != BPF_MAP_TYPE_RINGBUF) // (checked here: libbpf would also print to stderr)
+  struct map_meta m;
+  if (map_meta_get(env, fd, op, &m)) return NULL;
+  if (m.type != BPF_MAP_TYPE_RINGBUF) // (checked here: libbpf would also print to stderr)
     return throw_error(env, EINVAL, "ring_buffer__new", NULL, "%s(%d): not a ring buffer map", op, fd);
   struct watch *w = calloc(1, sizeof *w);
   if (!w) return throw_error(env, ENOMEM, "calloc", NULL, "%s", op);
