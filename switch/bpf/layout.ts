@@ -209,7 +209,7 @@ export interface StitchStateSide {
 
 export interface StitchStateVal {
   id: number; gen: number; phase: number; term: number;
-  firstNs: bigint; drainOkNs: bigint; stitchedNs: bigint; lastNs: bigint; injectedDrops: bigint;
+  firstNs: bigint; drainOkNs: bigint; stitchedNs: bigint; injectedDrops: bigint;
   side: [StitchStateSide, StitchStateSide];
 }
 
@@ -241,7 +241,7 @@ export function decodeStitchState(b: Buffer): StitchStateVal {
   return {
     id: b.readUInt32LE(0), gen: b.readUInt32LE(4), phase: b.readUInt32LE(8), term: b.readUInt32LE(12),
     firstNs: b.readBigUInt64LE(16), drainOkNs: b.readBigUInt64LE(24), stitchedNs: b.readBigUInt64LE(32),
-    lastNs: b.readBigUInt64LE(40), injectedDrops: b.readBigUInt64LE(48), side: [side(0), side(1)],
+    injectedDrops: b.readBigUInt64LE(48), side: [side(0), side(1)],
   };
 }
 

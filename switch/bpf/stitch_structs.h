@@ -122,9 +122,10 @@ struct stitch_state {
 	__u64 first_ns;       /* 16 ktime of the first packet after the commit (the snapshot) */
 	__u64 drain_ok_ns;    /* 24 ktime since when the drain condition holds (0: it does not) */
 	__u64 stitched_ns;    /* 32 ktime of the switch to PHASE_STITCHED */
-	__u64 last_ns;        /* 40 ktime of the last packet */
+	__u64 reserved0;      /* 40 (was the last packet's ktime: written per packet by both directions,
+	                       *     it bounced the line phase is read from between CPUs, and nothing read it) */
 	__u64 injected_drops; /* 48 drop injector */
-	__u64 reserved;       /* 56 */
+	__u64 reserved1;      /* 56 */
 	struct stitch_state_side side[2]; /* 64 [SIDE_CLIENT], 144 [SIDE_CORE] */
 };
 

@@ -313,7 +313,6 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 	if (phase == PHASE_FAILED)
 		return TC_ACT_OK;
 	draining = phase == PHASE_DRAINING;
-	st->last_ns = now;
 	note_termination(sc, st, p, s);
 
 	if (p->flags & TCP_ACK) {
@@ -406,7 +405,8 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 		nwin = clamp_win(edge, nack, sc->side[o].ws_shell);
 		wr32(scr->hdr, 8, nack);
 		wr16(scr->hdr, 14, nwin);
-		seq_raise(&st->side[o].ack_sent, nack);
+		if (draining) /* read only by stitch_from_shell while draining */
+			seq_raise(&st->side[o].ack_sent, nack);
 	} else {
 		__u32 w = ((__u32)p->win << (sc->side[s].ws_far & 15)) >> (sc->side[o].ws_shell & 15);
 
@@ -425,7 +425,7 @@ __attribute__((noinline)) int stitch_from_far(struct __sk_buff *skb, __u32 id, _
 		sack_rewrite(scr, sc->side[o].seq_delta, nack, draining && (p->flags & TCP_ACK), 0, 0);
 
 	__sync_fetch_and_add(&st->side[s].packets, 1);
-	if (!shell_data)
+	if (!shell_data && p->payload)
 		__sync_fetch_and_add(&st->side[s].bytes, p->payload);
 	stat_inc(ST_TRANSLATED);
 	if (apply_rewrite(skb, sc->side[o].shell_addr, sc->side[o].far_addr, RW_TTL | (shell_data ? RW_TRIM : 0))) {
