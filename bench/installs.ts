@@ -177,13 +177,17 @@ async function throughControl(maps: StitchMaps): Promise<InstallRates['control']
 }
 
 /** The switch daemon's CPU share with `n` idle stitches, all settled, and with none (bench/daemon-load.ts). */
-export interface DaemonLoad { n: number; installMs: number; allStitchedMs: number; settled: number; empty: number }
+export interface DaemonLoad {
+  n: number; installMs: number; allStitchedMs: number;
+  /** CPU share, the median of five windows (each window's share in the arrays). */
+  settled: number; empty: number; settledWindows?: number[]; emptyWindows?: number[];
+}
 
 /**
  * bench/daemon-load.ts in S, once with one stitch and once with a full table, each in a fresh
  * process, on a veth pair of its own (no traffic; removed after).
  */
-export async function measureDaemon(s: Host, bpffs: string, seconds = 3): Promise<DaemonLoad[]> {
+export async function measureDaemon(s: Host, bpffs: string, seconds = 1): Promise<DaemonLoad[]> {
   const [iface, addr] = ['pb0', '198.18.250.1'];
   await s.runOk('ip', ['link', 'add', iface, 'type', 'veth', 'peer', 'name', 'pb1']);
   try {

@@ -297,10 +297,11 @@ export function render(raw: Raw): { md: string; json: unknown } {
   md.push('## The switch daemon at a full table', '');
   if (raw.daemon) {
     const [one, full] = raw.daemon;
+    const pcts = (w?: number[]) => (w ? ` (${w.map((x) => f(x * 100, 2)).join(', ')})` : '');
     md.push('A datapath of its own in S (bench/daemon-load.ts, on a veth without traffic), idle stitches of fake tracked legs whose shell holds nothing, ' +
-      'installed ten per installMany; each is stitched by rule 9 (docs/handover.md) without a packet. The daemon process\'s CPU (user + system) while all are settled, then with none:', '',
+      'installed ten per installMany; each is stitched by rule 9 (docs/handover.md) without a packet. The daemon process\'s CPU (user + system) while all are settled, then with none: the median of five 1-s windows each (all five in brackets)', '',
       '| stitches | installed in | all stitched after | CPU, all settled | CPU, none left |', '|---|---|---|---|---|',
-      ...raw.daemon.map((d) => `| ${d.n} | ${f(d.installMs, 0)} ms | ${f(d.allStitchedMs, 0)} ms | ${f(d.settled * 100, 2)} % of a core | ${f(d.empty * 100, 2)} % |`), '',
+      ...raw.daemon.map((d) => `| ${d.n} | ${f(d.installMs, 0)} ms | ${f(d.allStitchedMs, 0)} ms | ${f(d.settled * 100, 2)} % of a core${pcts(d.settledWindows)} | ${f(d.empty * 100, 2)} %${pcts(d.emptyWindows)} |`), '',
       ...(one && full ? [`A full table against one stitch: ${f(full.settled / one.settled)}x the CPU.`, ''] : []));
   } else md.push('Not measured (see errors).', '');
   if (raw.errors.length) md.push('## Errors', '', ...raw.errors.map((e) => `- ${e}`), '');
