@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { encodeFlowKey } from '../switch/bpf/layout.ts';
 import { clientLegKey, coreLegKey, createEbpfDatapath, persistentPinName } from '../switch/datapath.ts';
 import * as native from '../switch/native/index.ts';
+import { median } from './bed.ts';
 import { legs, trackedFlow } from './installs.ts';
 
 const [bpffs, iface, shell, nArg, secondsArg] = process.argv.slice(2) as [string, string, string, string, string];
@@ -43,7 +44,6 @@ const cpuShare = async () => {
   return (d.user + d.system) / 1e3 / (performance.now() - t);
 };
 const windows = async () => { const w: number[] = []; for (let i = 0; i < 5; i++) w.push(await cpuShare()); return w; };
-const median = (w: number[]) => [...w].sort((a, b) => a - b)[w.length >> 1]!;
 const settledWindows = await windows();
 for (const s of specs) await dp.remove(s.id);
 const emptyWindows = await windows();
