@@ -266,6 +266,8 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
   #boot?: { where: string; bootId: string };
   /** Stitches this agent installed, by connection id, to re-install after a switch restart. */
   readonly #installed = new Map<string, Installed>();
+  /** Connection ids by stitch id, so a NOTIFY finds its stitch without a scan; kept by #track/#untrack. */
+  readonly #byStitchId = new Map<number, string>();
   readonly #decisions = new Map<string, { key: string; stitch: boolean; reason: string }>();
   readonly #backoff = new Map<string, { until: number; failures: number }>();
   readonly #inFlight = new Set<string>();
@@ -366,7 +368,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
 
   readonly #onConnectionClose = ({ connection }: { connection: LogicalConnection }) => {
     this.#installed.get(connection.id)?.settled?.(new ClosedError('the connection closed during the handover'));
-    this.#installed.delete(connection.id);
+    this.#untrack(connection.id);
     this.#decisions.delete(connection.id);
     this.#backoff.delete(connection.id);
   };
@@ -569,6 +571,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
     } else if (this.#client) {
       this.#log.warn('the switch changed; stitches installed on the previous one are forgotten', { previous: this.#clientFor, switch: where, stitches: this.#installed.size });
       this.#installed.clear();
+      this.#byStitchId.clear();
       this.#dropClient();
     }
     const client = createControlClient({
@@ -614,10 +617,13 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
     const client = this.#client;
     if (!client) return;
     await Promise.all([...this.#installed].map(async ([connectionId, s]) => {
-      if (!this.#shell.get(connectionId)) { this.#installed.delete(connectionId); return; }
+      if (!this.#shell.get(connectionId)) { this.#untrack(connectionId); return; }
       try {
         const r = await client.stitch(s.legs);
+        if (this.#installed.get(connectionId) !== s) return; // closed meanwhile
+        this.#untrack(connectionId);
         s.id = r.id;
+        this.#track(connectionId, s);
         this.#log.info('stitch re-installed after the switch restart', { connectionId, stitchId: r.id, state: r.state });
       } catch (err) {
         if (this.#closed) return;
@@ -634,17 +640,30 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
    * the NOTIFY, since the ack lets the switch stop silencing the shell's legs.
    */
   #onNotify(status: StitchStatus): void {
-    const found = [...this.#installed].find(([, s]) => s.id === status.id);
-    if (!found) return;
-    const [connectionId, s] = found;
+    const connectionId = this.#byStitchId.get(status.id);
+    const s = connectionId !== undefined ? this.#installed.get(connectionId) : undefined;
+    if (!s || s.id !== status.id) return;
     s.state = status.state;
     if (status.state === 'stitched' || status.state === 'closing') s.settled?.();
     if (status.state !== 'closed' && status.state !== 'failed') return;
-    this.#installed.delete(connectionId);
+    this.#untrack(connectionId!);
     this.#log.info('stitch ended at the switch', { connectionId, stitchId: status.id, state: status.state, reason: status.reason });
     if (status.state === 'failed') return s.settled?.(new SwitchError(`the switch failed the stitch: ${status.reason ?? 'no reason given'}`));
     s.settled?.();
     s.end(status.reason === 'client-rst' ? 'client-reset' : status.reason === 'core-rst' || status.reason === 'rst' ? 'core-reset' : 'fin');
+  }
+
+  #track(connectionId: string, s: Installed): void {
+    this.#untrack(connectionId);
+    this.#installed.set(connectionId, s);
+    this.#byStitchId.set(s.id, connectionId);
+  }
+
+  #untrack(connectionId: string): void {
+    const s = this.#installed.get(connectionId);
+    if (!s) return;
+    this.#installed.delete(connectionId);
+    if (this.#byStitchId.get(s.id) === connectionId) this.#byStitchId.delete(s.id);
   }
 
   /**
@@ -670,7 +689,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
     this.#afterExchange(client);
     if (!this.#shell.get(connection.id)) return;
     const s: Installed = { legs, id: r.id, state: r.state, end };
-    this.#installed.set(connection.id, s);
+    this.#track(connection.id, s);
     this.#log.info('stitch installed', { connectionId: connection.id, stitchId: r.id, state: r.state, existing: r.existing });
     if (r.state !== 'draining') return;
     await new Promise<void>((resolve, reject) => {
