@@ -265,7 +265,7 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
     await untilSwitchEmpty(b);
   });
 
-  it('stitch e2e - iperf3 through the shell (its core: iperf3 itself, a plain core), stitched mid-run: completes on the stitched path (its rate against routed is in the bench)', async () => {
+  it('stitch e2e - iperf3 through the shell (its core: iperf3 itself, a plain core), stitched mid-run: completes on the stitched path, at least 0.5x routed (its 0.9x target is the bench\'s)', async () => {
     topo = await createTopology({ bpffs: true, differentWindowScales: true });
     bed = await startStitchBed(topo, { backend: 'iperf3', plainCore: true });
     const b = bed;
@@ -294,8 +294,10 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
       `stitched ${(afterBps / 1e9).toFixed(2)} Gbit/s = ${ratio.toFixed(2)}x routed (stitched at ${stitchedAt.toFixed(1)} s); ` +
       `rtt/cwnd routed ${routed.intervals.map((i) => `${i.streams[0]?.rtt}/${i.streams[0]?.snd_cwnd}`).join(' ')}, through the shell ${run.intervals.map((i) => `${i.streams[0]?.rtt}/${i.streams[0]?.snd_cwnd}/${i.streams[0]?.retransmits}`).join(' ')}`);
     assert.ok(run.end.sum_received.bytes > 0, 'iperf3 completed');
-    // The ratio is a performance figure: bench/run.ts reports it against its target; here it must
-    // only show the stitched path carried the test (the shell's relay moved nothing after it).
+    // The ratio against the 0.9 target is the bench's (medians of nine runs each: a single run here
+    // ranges 0.8-1.3x). Here only a floor that tells the stitched fast path from none: the shell's
+    // relay runs at 0.3x routed, the stitched path has never run below 0.7x.
+    assert.ok(ratio >= 0.5, `stitched at ${ratio.toFixed(2)}x routed: below the 0.5x floor`);
     const atStitched = b.seg.logs.shell.filter((l) => l.includes('"to":"stitched"')).map((l) => JSON.parse(l) as { connectionId: string; bytesFromClient: number });
     const closed = await waitForLog(b.seg.shell, b.seg.logs.shell, /"connection closed"/, 2);
     for (const c of closed.map((l) => JSON.parse(l) as ClosedLine)) {
