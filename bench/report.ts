@@ -11,7 +11,7 @@ export interface Raw {
   when: string; kernel: string; cpus: number; runtimeS: number;
   /** Seconds each part took. */
   parts: Record<string, number>;
-  settings: { rounds: number; targetRounds?: number; seconds: number; rttSamples: number; handoverRounds: number; handoverConns: number; handoverMiB: number };
+  settings: { rounds: number; targetRounds?: number; seconds: number; rttSamples: number; liveRuns?: number; handoverRounds: number; handoverConns: number; handoverMiB: number };
   throughput: Run[];
   rtt?: { routed: Rtt; shellRelay: Rtt; stitched: Rtt; handover?: RttHandover | { error: string } };
   handover: HandoverRun[];
@@ -144,6 +144,11 @@ function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
     }
     out.push({ figure: `stitched / routed throughput ${name}`, measured: f(s.ratio[k], 3), target: '≥ 0.95', ...v, value: s.ratio[k], ...(why && { why }) });
   }
+  // The issue's iperf3 acceptance asks ≥ 0.9 of the same figure; its test (test/stitch-e2e.test.ts)
+  // runs one pair, which these vCPUs make too noisy to hold a 0.9 line.
+  const worst = Math.min(s.ratio.c2b, s.ratio.b2c);
+  out.push({ figure: 'iperf3 through the shell stitched mid-run, after the stitch / routed, the worse of C→B and B→C', measured: `${f(worst, 3)} (C→B ${f(s.ratio.c2b, 3)}, B→C ${f(s.ratio.b2c, 3)})`, target: '≥ 0.9',
+    ...verdict(worst, 0.9, 'higher', '', 2), value: worst });
   const cr = s.cpu.phase3 / s.cpu.phase2;
   const cv = verdict(cr, 0.01, 'lower', '', 4);
   out.push({ figure: 'shell CPU per GiB, phase 3 / phase 2', measured: `${f(cr, 4)} (${f(s.cpu.phase3, 4)} / ${f(s.cpu.phase2, 3)} s/GiB)`, target: '≤ 0.01', ...cv, value: cr,
@@ -167,15 +172,16 @@ function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
   if (live && 'error' in live) {
     out.push({ figure: 'handover as a live connection sees it (1-byte ping-pong stitched mid-run)', measured: 'n/a', target: '< 2 ms', verdict: 'missed: not measured', met: false, value: NaN, why: live.error });
   } else if (live) {
-    const lv = verdict(live.during.maxUs / 1000, 2, 'lower', ' ms', 1, true);
-    out.push({ figure: 'handover as a live connection sees it: the longest round trip during its handover (1-byte ping-pong stitched mid-run; one connection)',
-      measured: `${f(live.during.maxUs / 1000, 1)} ms (${live.during.n} round trips during a ${f(live.handoverMs, 0)} ms handover; outside it p50 ${f(live.outside.p50Us / 1000, 2)}, p99 ${f(live.outside.p99Us / 1000, 1)}, max ${f(live.outside.maxUs / 1000, 1)} ms)`,
-      target: '< 2 ms', ...lv, value: live.during.maxUs / 1000,
+    const lv = verdict(live.longest.p99Us / 1000, 2, 'lower', ' ms', 1, true);
+    const ms = (us: number) => f(us / 1000, 1);
+    out.push({ figure: `handover as a live connection sees it: the longest round trip during its handover, p99 over ${live.runs.length} connections (1-byte ping-pong stitched mid-run)`,
+      measured: `${ms(live.longest.p99Us)} ms (p50 ${ms(live.longest.p50Us)} ms; handovers p50 ${f(median(live.runs.map((r) => r.handoverMs)), 0)} ms; ` +
+        `windows of the same length outside them, the longest round trip in each: p50 ${ms(live.windows.p50Us)}, p99 ${ms(live.windows.p99Us)} ms)`,
+      target: '< 2 ms', ...lv, value: live.longest.p99Us / 1000,
       ...(lv.met === false && {
-        why: live.outside.maxUs >= live.during.maxUs
-          ? 'round trips of this run outside the handover reach that far too (see the measured column): in phase 2 every ping crosses the shell\'s JavaScript event loop, and these vCPUs are shared by C, S, A and B'
-          : 'the ping that waits longest is one that reaches the shell while its event loop is busy with the stitch itself (the control request, the decision, the STITCH and its answer): the relay of phase 2 runs in the same JavaScript thread; ' +
-            `no retransmission is involved (netstat in scratch runs). Outside the handover the longest was ${f(live.outside.maxUs / 1000, 1)} ms (docs/handover.md, Open)`,
+        why: `the longest round trip of a typical handover (p50 ${ms(live.longest.p50Us)} ms) against that of a typical window of the same length outside it (p50 ${ms(live.windows.p50Us)} ms): ` +
+          'a ping that reaches the shell while its one JavaScript thread handles the stitch (the control request, the decision, the STITCH and its answer, the NOTIFY) waits for it, and the switch daemon, which answers the STITCH, shares the two vCPUs (docs/handover.md, Open); ' +
+          `the windows' own p99 (${ms(live.windows.p99Us)} ms) is phase 2's: every ping crosses the shell's event loop, on vCPUs shared by C, S, A and B`,
       }) });
   }
   const dv = verdict(h.dpP99, 2, 'lower', ' ms', 2, true);
@@ -253,9 +259,13 @@ export function render(raw: Raw): { md: string; json: unknown } {
         .map(([n, x]) => `| ${n} | ${x.p50Us} | ${x.p99Us} | ${f(x.p50Us / r.routed.p50Us)} |`), '',
       'All three end in the same echo server on B: the RTT shell\'s core is plain.', '',
       ...(r.handover && 'error' in r.handover ? [`Stitched mid-run: failed (${r.handover.error}).`, ''] : []),
-      ...(r.handover && !('error' in r.handover) ? [`Stitched mid-run: the same ping-pong (${r.handover.n} pings) through the shell, stitched after a third of them; decision → phase 3 at the shell ${f(r.handover.handoverMs, 0)} ms. ` +
-        `The ${r.handover.during.n} round trips that overlap it (the shell's log, ±1 ms): p50 ${r.handover.during.p50Us} µs, max ${r.handover.during.maxUs} µs; the ${r.handover.outside.n} others: p50 ${r.handover.outside.p50Us} µs, p99 ${r.handover.outside.p99Us} µs, max ${r.handover.outside.maxUs} µs ` +
-        '(docs/handover.md, rule 12).', ''] : []));
+      ...(r.handover && !('error' in r.handover) ? [`Stitched mid-run: ${r.handover.runs.length} connections one after another, each the same ping-pong (${r.handover.n} pings) through the shell, stitched after a third of its pings. ` +
+        'During each handover (decision → phase 3 in the shell\'s log, ±1 ms), and in windows of the same length outside it on the same connection (phase 2 before, phase 3 after), the longest round trip (docs/handover.md, rule 12):', '',
+        '| | n | p50 µs | p99 µs | max µs |', '|---|---|---|---|---|',
+        `| longest during a handover | ${r.handover.runs.length} | ${r.handover.longest.p50Us} | ${r.handover.longest.p99Us} | ${r.handover.longest.maxUs} |`,
+        `| longest in a window outside | ${r.handover.windows.n} | ${r.handover.windows.p50Us} | ${r.handover.windows.p99Us} | ${r.handover.windows.maxUs} |`,
+        `| every round trip outside | ${r.handover.outside.n} | ${r.handover.outside.p50Us} | ${r.handover.outside.p99Us} | ${r.handover.outside.maxUs} |`, '',
+        `Per connection, decision → phase 3 ms / round trips during it / the longest µs @ when it began, ms after the decision: ${r.handover.runs.map((x) => `${f(x.handoverMs, 0)}/${x.during}/${x.longestUs}@${f(x.longestAtMs, 1)}`).join(', ')}.`, ''] : []));
   } else md.push('Not measured (see errors).', '');
   const h = s.handover;
   md.push('## Handover under load', '',

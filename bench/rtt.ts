@@ -1,21 +1,39 @@
 // TCP round trip (1-byte ping-pong over one connection, bench/rtt-probe.c's client --wait in C
 // against its echo server on B, both in C: a JavaScript probe's own pauses of 1.5-3 ms every few ms
 // were most of what it measured): routed, through the shell (phase 2), and stitched (the
-// connection is stitched before the first ping). Then the handover as a live connection sees it:
-// the same ping-pong, stitched after a third of its pings; the round trips that overlap its
-// handover (decision → phase 3 in the shell's log, widened by the log's 1 ms resolution) against
-// the others of the same run.
+// connection is stitched before the first ping). Then the handover as a live connection sees it,
+// over several connections one after another: the same ping-pong, stitched after a third of its
+// pings; the longest round trip that overlaps the handover (decision → phase 3 in the shell's log,
+// widened by the log's 1 ms resolution), against the longest in windows of the same length
+// outside it on the same connection (phase 2 before, phase 3 after): the baseline a single
+// maximum of ~100 round trips can be compared with.
 import { JsonProc } from '../test/bed.ts';
 import { PORTS, quantile, stitchAllDirect, untilStatus, type Bed, type ConnView } from './bed.ts';
 import { shellHandover } from './handover.ts';
 
 export interface Rtt { n: number; p50Us: number; p99Us: number }
-export interface RttHandover {
-  n: number;
+/** One connection stitched mid-run. */
+export interface LiveHandover {
   /** Decision → phase 3 at the shell (its log, ms). */
   handoverMs: number;
-  /** Round trips that overlap the handover, and the others. */
-  during: { n: number; p50Us: number; maxUs: number };
+  /** Round trips that overlap the handover: how many, the longest, when it began (ms after the decision). */
+  during: number;
+  longestUs: number;
+  longestAtMs: number;
+  /** The longest round trip of each window of the handover's length outside it. */
+  windowMaxUs: number[];
+  /** Every round trip outside the handover. */
+  outsideUs: number[];
+}
+export interface RttHandover {
+  /** Pings per connection. */
+  n: number;
+  runs: Array<Omit<LiveHandover, 'windowMaxUs' | 'outsideUs'>>;
+  /** The longest round trip during each handover, across the runs. */
+  longest: { p50Us: number; p99Us: number; maxUs: number };
+  /** The same for the windows of the same length outside the handovers. */
+  windows: { n: number; p50Us: number; p99Us: number; maxUs: number };
+  /** Every round trip outside the handovers. */
   outside: { n: number; p50Us: number; p99Us: number; maxUs: number };
 }
 
@@ -39,7 +57,7 @@ async function one(bed: Bed, host: string, port: number, n: number, stitch: bool
   }
 }
 
-async function midRun(bed: Bed, n: number): Promise<RttHandover> {
+async function midRun(bed: Bed, n: number): Promise<LiveHandover> {
   const pair = bed.pairs.rtt;
   const p = new JsonProc('rtt client', bed.topo.c.spawn(bed.rttProbe, ['client', bed.topo.a.addr, String(PORTS.shell.rtt), String(n), '--wait', '--timeline'], { stdio: ['pipe', 'pipe', 'pipe'] }));
   try {
@@ -55,25 +73,43 @@ async function midRun(bed: Bed, n: number): Promise<RttHandover> {
     const w = shellHandover(pair.logs.shell.slice(logsFrom), [], new Set([c!.id])).windows.get(c!.id);
     if (!w) throw new Error('the shell logged no decision → phase 3 for the RTT connection: its stitch did not finish while it pinged');
     const [from, to] = [w[0] - 1, w[1] + 1];
-    const timeline = r.timeline as Array<[number, number]>;
-    const during = timeline.filter(([at, us]) => at < to && at + us / 1000 > from).map(([, us]) => us);
-    const outside = timeline.filter(([at, us]) => !(at < to && at + us / 1000 > from)).map(([, us]) => us);
-    return {
-      n, handoverMs: w[1] - w[0],
-      during: { n: during.length, p50Us: quantile(during, 0.5), maxUs: Math.max(...during) },
-      outside: { n: outside.length, p50Us: quantile(outside, 0.5), p99Us: quantile(outside, 0.99), maxUs: Math.max(...outside) },
-    };
+    const during: Array<[number, number]> = [];
+    const outsideUs: number[] = [];
+    // Windows of the handover's length, counted back from it and on after it.
+    const windows = new Map<number, number>();
+    for (const [at, us] of r.timeline as Array<[number, number]>) {
+      if (at < to && at + us / 1000 > from) { during.push([at, us]); continue; }
+      outsideUs.push(us);
+      const k = at < from ? -1 - Math.floor((from - at) / (to - from)) : Math.floor((at - to) / (to - from));
+      windows.set(k, Math.max(windows.get(k) ?? 0, us));
+    }
+    if (!during.length) throw new Error(`no round trip overlapped the handover (${w[0]}-${w[1]} ms): the pings ended before it`);
+    const [longestAt, longestUs] = during.reduce((m, x) => (x[1] > m[1] ? x : m));
+    return { handoverMs: w[1] - w[0], during: during.length, longestUs, longestAtMs: longestAt - w[0], windowMaxUs: [...windows.values()], outsideUs };
   } finally {
     p.child.stdin?.end();
   }
 }
 
-export async function measureRtt(bed: Bed, n: number): Promise<{ routed: Rtt; shellRelay: Rtt; stitched: Rtt; handover: RttHandover | { error: string } }> {
+const spread = (xs: number[]) => ({ n: xs.length, p50Us: quantile(xs, 0.5), p99Us: quantile(xs, 0.99), maxUs: Math.max(...xs) });
+
+/** `liveRuns` connections stitched mid-run, n pings each. */
+async function live(bed: Bed, n: number, liveRuns: number): Promise<RttHandover> {
+  const runs: LiveHandover[] = [];
+  for (let i = 0; i < liveRuns; i++) runs.push(await midRun(bed, n));
+  const longest = runs.map((r) => r.longestUs);
+  return {
+    n, runs: runs.map(({ windowMaxUs, outsideUs, ...run }) => run),
+    longest: { p50Us: quantile(longest, 0.5), p99Us: quantile(longest, 0.99), maxUs: Math.max(...longest) },
+    windows: spread(runs.flatMap((r) => r.windowMaxUs)), outside: spread(runs.flatMap((r) => r.outsideUs)),
+  };
+}
+
+export async function measureRtt(bed: Bed, n: number, liveRuns: number): Promise<{ routed: Rtt; shellRelay: Rtt; stitched: Rtt; handover: RttHandover | { error: string } }> {
   const { a, b } = bed.topo;
   const routed = await one(bed, b.addr, PORTS.rtt, n, false);
   const shellRelay = await one(bed, a.addr, PORTS.shell.rtt, n, false);
   const stitched = await one(bed, a.addr, PORTS.shell.rtt, n, true);
-  // Three times the pings: the stitch lands after a third, with room to spare after it.
-  const handover = await midRun(bed, 3 * n).catch((e: Error) => ({ error: e.message }));
+  const handover = await live(bed, n, liveRuns).catch((e: Error) => ({ error: e.message }));
   return { routed, shellRelay, stitched, handover };
 }

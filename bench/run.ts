@@ -34,6 +34,7 @@ const num = (name: string, dflt: number) => {
 };
 const settings = {
   rounds: num('BENCH_ROUNDS', 3), targetRounds: num('BENCH_TARGET_ROUNDS', 9), seconds: num('BENCH_SECONDS', 6), rttSamples: num('BENCH_RTT_SAMPLES', 3000),
+  liveRuns: num('BENCH_LIVE_RUNS', 10),
   handoverRounds: num('BENCH_HANDOVER_ROUNDS', 2), handoverConns: num('BENCH_HANDOVER_CONNS', 20), handoverMiB: num('BENCH_HANDOVER_MIB', 40),
 };
 const out = join(PROJECT_ROOT, 'bench/out');
@@ -63,7 +64,7 @@ try {
   raw.parts.setup = (performance.now() - t) / 1000;
   const b = bed;
   raw.throughput = (await part('throughput', () => measureThroughput(b, settings.rounds, settings.seconds, settings.targetRounds))) ?? [];
-  raw.rtt = await part('round trip', () => measureRtt(b, settings.rttSamples));
+  raw.rtt = await part('round trip', () => measureRtt(b, settings.rttSamples, settings.liveRuns));
   raw.handover = (await part('handover', () => measureHandover(b, settings.handoverRounds, settings.handoverConns, settings.handoverMiB << 20))) ?? [];
   raw.handoverCapped = (await part('capped handover', () => measureHandoverCapped(b, settings.handoverRounds, settings.handoverConns, settings.handoverMiB << 20))) ?? [];
   raw.installs = await part('installs', () => measureInstalls(b.topo.bpffs!));
