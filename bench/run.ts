@@ -14,7 +14,9 @@
 //   bench/diagnose.ts    which half of the drain condition a stuck stitch waits on (switch log)
 //   bench/report.ts      targets table, tables, report.json
 //
-// Environment: BENCH_ROUNDS (3), BENCH_TARGET_ROUNDS (9: rounds of routed and stitched), BENCH_SECONDS (6), BENCH_RTT_SAMPLES (3000), BENCH_HANDOVER_ROUNDS (2),
+// Environment: BENCH_ROUNDS (3), BENCH_TARGET_ROUNDS (15: rounds of routed and stitched; a median of
+// 9 moved by ±0.04 between runs of the same code), BENCH_SECONDS (6), BENCH_RTT_SAMPLES (3000),
+// BENCH_LIVE_RUNS (10: connections stitched mid-ping-pong), BENCH_HANDOVER_ROUNDS (2),
 // BENCH_HANDOVER_CONNS (20), BENCH_HANDOVER_MIB (40).
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
@@ -33,7 +35,7 @@ const num = (name: string, dflt: number) => {
   return v;
 };
 const settings = {
-  rounds: num('BENCH_ROUNDS', 3), targetRounds: num('BENCH_TARGET_ROUNDS', 9), seconds: num('BENCH_SECONDS', 6), rttSamples: num('BENCH_RTT_SAMPLES', 3000),
+  rounds: num('BENCH_ROUNDS', 3), targetRounds: num('BENCH_TARGET_ROUNDS', 15), seconds: num('BENCH_SECONDS', 6), rttSamples: num('BENCH_RTT_SAMPLES', 3000),
   liveRuns: num('BENCH_LIVE_RUNS', 10),
   handoverRounds: num('BENCH_HANDOVER_ROUNDS', 2), handoverConns: num('BENCH_HANDOVER_CONNS', 20), handoverMiB: num('BENCH_HANDOVER_MIB', 40),
 };
