@@ -621,7 +621,7 @@ class AgentImpl extends EventEmitter<AgentEvents> implements Agent {
       try {
         const r = await client.stitch(s.legs);
         if (this.#installed.get(connectionId) !== s) return; // closed meanwhile
-        this.#untrack(connectionId);
+        this.#untrack(connectionId); // under the old id
         s.id = r.id;
         this.#track(connectionId, s);
         this.#log.info('stitch re-installed after the switch restart', { connectionId, stitchId: r.id, state: r.state });
