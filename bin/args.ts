@@ -14,3 +14,10 @@ export function hostPort(value: string | undefined, flag: string): { host: strin
   if (!isIP(host) && !/^[a-zA-Z0-9.-]+$/.test(host)) throw new UsageError(`${flag}: ${JSON.stringify(host)} is not an address or host name`);
   return { host, port };
 }
+
+/** A size in bytes: digits, optionally followed by k or m (KiB, MiB). */
+export function byteSize(value: string, flag: string): number {
+  const m = /^(\d+)([kKmM]?)$/.exec(value);
+  if (!m) throw new UsageError(`${flag} must be a size in bytes (e.g. 262144, 256k or 1m), got ${JSON.stringify(value)}`);
+  return Number(m[1]) * (m[2] === '' ? 1 : /k/i.test(m[2]!) ? 1024 : 1 << 20);
+}

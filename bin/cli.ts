@@ -4,7 +4,7 @@ import net from 'node:net';
 import { once } from 'node:events';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { createCore, createShell, relay, defaultLogger, type Logger } from '../sdk/index.ts';
-import { hostPort, UsageError } from './args.ts';
+import { byteSize, hostPort, UsageError } from './args.ts';
 import { askControl, defaultControlPath, serveControl } from './control.ts';
 
 const HELP: Record<string, string> = {
@@ -12,13 +12,15 @@ const HELP: Record<string, string> = {
   The core process: accepts core legs from the shell and hands each logical connection to the local
   backend at --forward. With --key-file, only core legs authenticated with that key are accepted.`,
   shell: `tcp-stitch shell --listen HOST:PORT --core HOST:PORT [--plain-core] [--switch auto|off|combined|HOST:PORT]
-                 [--key-file PATH] [--policy PATH] [--control PATH] [--iface IFNAME]
+                 [--key-file PATH] [--policy PATH] [--control PATH] [--iface IFNAME] [--socket-buffer SIZE]
   The shell process with its agent: accepts external clients at --listen and carries each to the core
   at --core. --plain-core: the core is an unmodified TCP server, not \`tcp-stitch core\`; each core leg
   carries the client's bytes from the first, without preamble or answer (the server sees the shell's
   address, and --key-file then only keys the switch). --switch picks how the switch is found (default
   auto: one-hop discovery); --policy names a JSON policy file (docs/policy.schema.json); --control the
-  local control socket (default ${defaultControlPath('shell')}).`,
+  local control socket (default ${defaultControlPath('shell')}). --socket-buffer (e.g. 256k) sets the
+  kernel buffers of both sockets of each connection instead of autotuning: it bounds what a loaded
+  handover drains through the shell, and slows clients whose bandwidth-delay product exceeds it.`,
   switch: `tcp-stitch switch --shell-iface IFNAME [--key-file PATH] [--control PATH] [--no-datapath]
                   [--bpffs PATH]
   The reference switch: discovery responder on the shell-facing interface, authenticated control
@@ -114,7 +116,8 @@ async function cmdShell(v: Values): Promise<number> {
     return { keys, coreKey: keys[0].secret };
   })() : { keys: undefined, coreKey: undefined };
   const plainCore = v['plain-core'] === true;
-  const shell = createShell({ core: coreAt, logger: log, plainCore, coreKey: plainCore ? undefined : coreKey });
+  const socketBuffer = v['socket-buffer'] === undefined ? undefined : byteSize(v['socket-buffer'] as string, '--socket-buffer');
+  const shell = createShell({ core: coreAt, logger: log, plainCore, coreKey: plainCore ? undefined : coreKey, socketBuffer });
   const { createAgent, parseSwitchMode } = await import('../agent/index.ts');
   const agent = createAgent({
     shell, logger: log, core: coreAt, keys, controlPath,
@@ -194,7 +197,7 @@ async function cmdKeygen(): Promise<number> {
 const OPTIONS: Record<string, ParseArgsConfig['options']> = {
   core: { listen: { type: 'string' }, forward: { type: 'string' }, 'key-file': { type: 'string' } },
   shell: { listen: { type: 'string' }, core: { type: 'string' }, 'plain-core': { type: 'boolean' }, switch: { type: 'string' }, 'key-file': { type: 'string' },
-    policy: { type: 'string' }, control: { type: 'string' }, iface: { type: 'string' } },
+    policy: { type: 'string' }, control: { type: 'string' }, iface: { type: 'string' }, 'socket-buffer': { type: 'string' } },
   switch: { 'shell-iface': { type: 'string' }, 'key-file': { type: 'string' }, control: { type: 'string' }, 'no-datapath': { type: 'boolean' },
     bpffs: { type: 'string' } },
   keygen: {},

@@ -5,12 +5,14 @@
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { ClosedError, InvalidArgumentError, PreambleError } from './errors.ts';
 import { componentLogger, type Logger } from './log.ts';
 import { publish } from './diagnostics.ts';
 import { ANSWER_LENGTH, AnswerStatus, answerStatusName, decodeAnswer, encodePreamble, PREAMBLE_LENGTH, type Endpoint } from './preamble.ts';
 import { initialState, phaseOf, transition, type ConnectionEvent, type StateSnapshot } from './connection-state.ts';
 import { relay, resetSocket, type Relay } from './relay.ts';
+import { capBuffers, spliceAvailable } from './splice.ts';
 import type { CloseReason, LogicalConnection, ShellEvents, ShellHooks } from './types.ts';
 
 export interface ShellOptions {
@@ -28,6 +30,25 @@ export interface ShellOptions {
   hooks?: ShellHooks;
   /** Give up opening a core leg after this long (default 5000 ms). */
   coreConnectTimeoutMs?: number;
+  /**
+   * SO_RCVBUF and SO_SNDBUF, in bytes, of both sockets of every connection (the client's and the core
+   * leg), instead of the kernel's autotuning. What the shell holds of a connection is what a loaded
+   * handover must drain through it (docs/handover.md, Open); a client whose bandwidth-delay product
+   * exceeds it is slowed in phase 2. 4096 up to net.core.rmem_max and wmem_max; needs the addon.
+   */
+  socketBuffer?: number;
+}
+
+/** Why `bytes` cannot be the shell's socketBuffer here; undefined when it can. */
+function socketBufferProblem(bytes: unknown): string | undefined {
+  if (typeof bytes !== 'number' || !Number.isInteger(bytes) || bytes < 4096) return `socketBuffer must be a whole number of bytes, at least 4096 (got ${String(bytes)})`;
+  if (!spliceAvailable()) return 'socketBuffer needs the native addon (npm run build)';
+  for (const name of ['rmem_max', 'wmem_max']) {
+    const max = Number(readFileSync(`/proc/sys/net/core/${name}`, 'utf8'));
+    // Above it the kernel silently caps the value: say so instead.
+    if (bytes > max) return `socketBuffer ${bytes} exceeds net.core.${name} (${max}), which the kernel would cap it at: raise the sysctl or give at most ${max}`;
+  }
+  return undefined;
 }
 
 /** What the stitcher (the agent) gets to move a connection to phase 3. */
@@ -100,6 +121,8 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
     if (opts.plainCore && opts.coreKey !== undefined) {
       throw new InvalidArgumentError('coreKey authenticates the core-leg preamble, which a plainCore does not get: give one or the other');
     }
+    const bufferProblem = opts.socketBuffer === undefined ? undefined : socketBufferProblem(opts.socketBuffer);
+    if (bufferProblem) throw new InvalidArgumentError(bufferProblem);
     this.#log = componentLogger('shell', opts.logger);
   }
 
@@ -111,6 +134,7 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
     if (!net.isIPv4(client.address ?? '') || !net.isIPv4(shell.address ?? '')) {
       throw new InvalidArgumentError(`attach() needs a connected IPv4 socket (got ${socket.remoteAddress}:${socket.remotePort})`);
     }
+    if (this.opts.socketBuffer !== undefined) capBuffers(socket, this.opts.socketBuffer);
     // One FIN must close one direction only; hold the client's bytes until the core accepts.
     socket.allowHalfOpen = true;
     socket.pause();
@@ -144,7 +168,10 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
       this.#event(conn, 'core-accepted', reason);
       this.#startRelay(conn, leg);
     };
-    const onConnect = () => { endOpening(); accepted(Buffer.alloc(0), 'the plain core accepted the TCP connection'); };
+    const onConnect = () => {
+      if (leg.destroyed) return; // its buffers could not be set: onEarly reports why
+      endOpening(); accepted(Buffer.alloc(0), 'the plain core accepted the TCP connection');
+    };
     let head = Buffer.alloc(0);
     const onData = (chunk: Buffer) => {
       head = Buffer.concat([head, chunk]);
@@ -160,6 +187,8 @@ class ShellImpl extends EventEmitter<ShellEvents> implements Shell {
     const onEarly = (err: Error) => this.#fail(conn, 'core-unreachable', err);
     const onEarlyEnd = () => this.#fail(conn, 'core-protocol', new PreambleError('the core closed the core leg before answering'));
     const onClientEarly = (err: Error) => this.#finish(conn, 'client-reset', err);
+    const cap = this.opts.socketBuffer;
+    if (cap !== undefined) leg.once('connect', () => { try { capBuffers(leg, cap); } catch (err) { leg.destroy(err as Error); } });
     if (plain) leg.on('connect', onConnect); else leg.on('data', onData);
     leg.on('error', onEarly);
     leg.on('end', onEarlyEnd);

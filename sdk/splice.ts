@@ -11,6 +11,7 @@ interface Addon {
   start(fdA: number, fdB: number, counters: BigUint64Array): number;
   abort(id: number): void;
   socketError(fd: number): number;
+  setBuffers(fd: number, bytes: number): void;
 }
 
 type OnEvent = (endedDir: number, failedSide: number, errno: number, aborted: boolean) => void;
@@ -87,6 +88,15 @@ export function pendingError(s: Socket): Error | null {
   const err = errnoError('read', errno);
   foundErrors.set(s, err);
   return err;
+}
+
+/** Sets s's SO_RCVBUF and SO_SNDBUF to `bytes` (the kernel doubles them and stops autotuning them). */
+export function capBuffers(s: Socket, bytes: number): void {
+  const native = load();
+  if (!native) throw new Error('capping socket buffers needs the native addon (npm run build)');
+  const fd = handleOf(s)?.fd ?? -1;
+  if (fd < 0) throw new Error('the socket has no file descriptor (not connected, or closed)');
+  native.setBuffers(fd, bytes);
 }
 
 export function spliceRelay(a: Socket, b: Socket, cb: RelayCallbacks): Relay {

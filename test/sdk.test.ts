@@ -3,6 +3,9 @@
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { once } from 'node:events';
+import { execFile } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { promisify } from 'node:util';
 import { createShell, createCore, relay, InvalidArgumentError, type Shell, type Core, type CoreConnection, type ConnectionCloseMessage, type StitchTarget } from '../sdk/index.ts';
 import { encodePreamble } from '../sdk/preamble.ts';
 import { activeResources, projectTimers, closed as socketClosed, connect, drain, events, listen, payload, send, sha256 } from './helpers.ts';
@@ -340,5 +343,74 @@ describe('sdk - plain core (loopback)', function () {
   it('plain core - a coreKey with plainCore is refused, naming both', () => {
     assert.throws(() => createShell({ core: { host: '127.0.0.1', port: backendPort }, plainCore: true, coreKey: Buffer.alloc(32, 1) }),
       (e: Error) => e instanceof InvalidArgumentError && /coreKey/.test(e.message) && /plainCore/.test(e.message));
+  });
+});
+
+/** rb and tb of skmem for the TCP socket whose local port is `port` (ss(8), as the kernel keeps them). */
+async function buffersOf(port: number): Promise<{ rb: number; tb: number }> {
+  const { stdout } = await promisify(execFile)('ss', ['-tmnH', `sport = :${port}`]);
+  const m = /rb(\d+),t\d+,tb(\d+)/.exec(stdout);
+  assert.ok(m, `ss shows no socket buffers for local port ${port}: ${stdout}`);
+  return { rb: Number(m[1]), tb: Number(m[2]) };
+}
+
+describe('sdk - the shell\'s socketBuffer (loopback)', function () {
+  let baseline: Record<string, number>;
+  beforeEach(() => { projectTimers(); baseline = activeResources(); });
+  afterEach(async () => assertNothingLeft(baseline));
+  const SIZE = 40960; // the kernel keeps twice it; neither default (131072 / 16384) nor autotuned
+
+  it('socketBuffer - both sockets of a connection get it (ss reads them back), the client\'s own does not, and the bytes arrive exact', async () => {
+    const backend = net.createServer({ allowHalfOpen: true }, (s) => backend.emit('leg', s));
+    const backendPort = await listen(backend);
+    const shell = createShell({ core: { host: '127.0.0.1', port: backendPort }, plainCore: true, logger: quiet, socketBuffer: SIZE });
+    const front = net.createServer({ allowHalfOpen: true, pauseOnConnect: true }, (s) => shell.attach(s));
+    const port = await listen(front);
+    const legs: net.Socket[] = [];
+    backend.on('leg', (s: net.Socket) => legs.push(s));
+    try {
+      await checkBuffers(shell, backend, port);
+    } finally {
+      shell.destroy();
+      for (const s of legs) s.destroy();
+      await Promise.all([new Promise((r) => front.close(r)), new Promise((r) => backend.close(r))]);
+    }
+  });
+
+  async function checkBuffers(shell: Shell, backend: net.Server, port: number) {
+    const leg = events<net.Socket>(backend, 'leg');
+    const relaying = events(shell, 'connection:phase');
+    const c = await connect(port);
+    const [[bside]] = await Promise.all([leg, relaying]);
+    const [conn] = shell.connections();
+    // The shell's side of the client's connection has the listening port; that of the core leg its own.
+    const clientSide = await buffersOf(port), legSide = await buffersOf(conn!.coreLeg!.local.port);
+    assert.deepEqual(clientSide, { rb: 2 * SIZE, tb: 2 * SIZE });
+    assert.deepEqual(legSide, { rb: 2 * SIZE, tb: 2 * SIZE });
+    assert.notEqual((await buffersOf(c.localPort!)).rb, 2 * SIZE, 'the client\'s socket keeps the kernel\'s own');
+    const up = payload(4 << 20, 5), down = payload(3 << 20, 6);
+    const [atB, atC] = await Promise.all([drain(bside!), drain(c), send(c, up), send(bside!, down)]);
+    assert.equal(atB.sha, sha256(up));
+    assert.equal(atC.sha, sha256(down));
+    await socketClosed(c);
+  }
+
+  it('socketBuffer - a size below 4096, not whole, or above net.core.rmem_max is refused, naming it', () => {
+    const core = { host: '127.0.0.1', port: 9 };
+    const max = Math.min(...['rmem_max', 'wmem_max'].map((n) => Number(readFileSync(`/proc/sys/net/core/${n}`, 'utf8'))));
+    for (const [bad, what] of [[100, /at least 4096/], [5000.5, /whole number/], [max + 1, /exceeds net\.core\.[rw]mem_max/]] as const) {
+      assert.throws(() => createShell({ core, logger: quiet, socketBuffer: bad }), (e: Error) => e instanceof InvalidArgumentError && /socketBuffer/.test(e.message) && what.test(e.message), String(bad));
+    }
+  });
+
+  it('socketBuffer - the CLI\'s --socket-buffer takes 256k or bytes, and exits 2 with one line on a bad one', async () => {
+    const run = (size: string) => promisify(execFile)(process.execPath, ['bin/tcp-stitch.js', 'shell', '--listen', '127.0.0.1:1', '--core', '127.0.0.1:2', '--switch', 'off', '--socket-buffer', size])
+      .then(() => ({ code: 0, stderr: '' }), (e: { code: number; stderr: string }) => ({ code: e.code, stderr: e.stderr }));
+    for (const [size, what] of [['abc', /--socket-buffer must be a size in bytes/], ['100', /socketBuffer must be .* at least 4096/], ['1g', /--socket-buffer must be a size/]] as const) {
+      const r = await run(size);
+      assert.equal(r.code, 2, `${size}: ${r.stderr}`);
+      assert.match(r.stderr, what);
+      assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+    }
   });
 });

@@ -336,14 +336,32 @@ static napi_value SocketError(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// setBuffers(fd, bytes): SO_RCVBUF and SO_SNDBUF of a connected socket (the kernel doubles them
+// for its bookkeeping and stops autotuning them), to bound what one connection holds in the kernel.
+static napi_value SetBuffers(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  int32_t fd, bytes;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < 2 || napi_get_value_int32(env, argv[0], &fd) != napi_ok || fd < 0 ||
+      napi_get_value_int32(env, argv[1], &bytes) != napi_ok || bytes <= 0) {
+    napi_throw_type_error(env, "TCP_STITCH_SPLICE", "setBuffers(fd, bytes)");
+    return NULL;
+  }
+  if (setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes) < 0) return throw_errno(env, "setsockopt SO_RCVBUF", errno);
+  if (setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes) < 0) return throw_errno(env, "setsockopt SO_SNDBUF", errno);
+  return NULL;
+}
+
 static napi_value Register(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     { "init", NULL, Init, NULL, NULL, NULL, napi_default, NULL },
     { "start", NULL, Start, NULL, NULL, NULL, napi_default, NULL },
     { "abort", NULL, Abort, NULL, NULL, NULL, napi_default, NULL },
     { "socketError", NULL, SocketError, NULL, NULL, NULL, napi_default, NULL },
+    { "setBuffers", NULL, SetBuffers, NULL, NULL, NULL, napi_default, NULL },
   };
-  napi_define_properties(env, exports, 4, props);
+  napi_define_properties(env, exports, 5, props);
   return exports;
 }
 
