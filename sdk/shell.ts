@@ -41,12 +41,12 @@ export interface ShellOptions {
 
 /** Why `bytes` cannot be the shell's socketBuffer here; undefined when it can. */
 function socketBufferProblem(bytes: unknown): string | undefined {
-  if (typeof bytes !== 'number' || !Number.isInteger(bytes) || bytes < 4096) return `socketBuffer must be a whole number of bytes, at least 4096 (got ${String(bytes)})`;
-  if (!spliceAvailable()) return 'socketBuffer needs the native addon (npm run build)';
+  if (typeof bytes !== 'number' || !Number.isInteger(bytes) || bytes < 4096) return `socketBuffer (--socket-buffer) must be a whole number of bytes, at least 4096 (got ${String(bytes)})`;
+  if (!spliceAvailable()) return 'socketBuffer (--socket-buffer) needs the native addon (npm run build)';
   for (const name of ['rmem_max', 'wmem_max']) {
     const max = Number(readFileSync(`/proc/sys/net/core/${name}`, 'utf8'));
     // Above it the kernel silently caps the value: say so instead.
-    if (bytes > max) return `socketBuffer ${bytes} exceeds net.core.${name} (${max}), which the kernel would cap it at: raise the sysctl or give at most ${max}`;
+    if (bytes > max) return `socketBuffer (--socket-buffer) ${bytes} exceeds net.core.${name} (${max}), which the kernel would cap it at: raise the sysctl or give at most ${max}`;
   }
   return undefined;
 }

@@ -406,7 +406,7 @@ describe('sdk - the shell\'s socketBuffer (loopback)', function () {
   it('socketBuffer - the CLI\'s --socket-buffer takes 256k or bytes, and exits 2 with one line on a bad one', async () => {
     const run = (size: string) => promisify(execFile)(process.execPath, ['bin/tcp-stitch.js', 'shell', '--listen', '127.0.0.1:1', '--core', '127.0.0.1:2', '--switch', 'off', '--socket-buffer', size])
       .then(() => ({ code: 0, stderr: '' }), (e: { code: number; stderr: string }) => ({ code: e.code, stderr: e.stderr }));
-    for (const [size, what] of [['abc', /--socket-buffer must be a size in bytes/], ['100', /socketBuffer must be .* at least 4096/], ['1g', /--socket-buffer must be a size/]] as const) {
+    for (const [size, what] of [['abc', /--socket-buffer must be a size in bytes/], ['100', /--socket-buffer\) must be .* at least 4096/], ['1g', /--socket-buffer must be a size/]] as const) {
       const r = await run(size);
       assert.equal(r.code, 2, `${size}: ${r.stderr}`);
       assert.match(r.stderr, what);
