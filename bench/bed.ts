@@ -10,6 +10,7 @@
 //      Pairs `iperf` and `rtt` have a plain core (--plain-core: the server itself, so stitched and
 //      routed end in the same socket); `iperfCore` and `load` go through `tcp-stitch core`.
 import { execFileSync, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -55,6 +56,8 @@ export interface Bed {
   mapsDir: string;
   /** bench/rtt-probe.c, built for this bed. */
   rttProbe: string;
+  /** Stops a pair's shell and starts it again with `extra` arguments (the core stays), fresh log. */
+  restartShell(name: Pair['name'], extra: string[]): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -99,6 +102,23 @@ export async function startBed(): Promise<Bed> {
       iperfCore: { forward: `127.0.0.1:${PORTS.backendIperf}`, port: PORTS.core.iperfCore }, load: { forward: `127.0.0.1:${PORTS.echo}`, port: PORTS.core.load },
     };
     const pairs = {} as Record<Pair['name'], Pair>;
+    const shellArgs = {} as Record<Pair['name'], string[]>;
+    const startShell = (name: Pair['name'], extra: string[], log: string[]) => {
+      const shell = nodeInNs(a, 'bin/tcp-stitch.js', [...shellArgs[name], ...extra], { stdio: ['ignore', 'ignore', 'pipe'] });
+      collect(shell, log);
+      return shell;
+    };
+    const restartShell = async (name: Pair['name'], extra: string[]) => {
+      const p = pairs[name];
+      if (p.shell.exitCode === null && p.shell.signalCode === null) {
+        const exited = once(p.shell, 'exit');
+        p.shell.kill('SIGTERM');
+        await exited;
+      }
+      p.logs.shell = [];
+      p.shell = startShell(name, extra, p.logs.shell);
+      await waitForLog(p.shell, p.logs.shell, /"stitching available"/, 1, 60_000);
+    };
     for (const name of ['iperf', 'iperfCore', 'rtt', 'load'] as const) {
       const key = keyFile(name), to = cores[name];
       const logs = { shell: [] as string[], core: [] as string[] };
@@ -108,10 +128,8 @@ export async function startBed(): Promise<Bed> {
       if (core) collect(core, logs.core);
       const controlPath = `/run/${topo.id}-bench-${name}.sock`;
       const coreArgs = 'forward' in to ? ['--core', `${b.addr}:${to.port}`] : ['--core', to.plain, '--plain-core'];
-      const shell = nodeInNs(a, 'bin/tcp-stitch.js', ['shell', '--listen', `${a.addr}:${PORTS.shell[name]}`, ...coreArgs,
-        '--control', controlPath, '--switch', 'auto', '--key-file', key, '--policy', policy], { stdio: ['ignore', 'ignore', 'pipe'] });
-      collect(shell, logs.shell);
-      pairs[name] = { name, shell, core, port: PORTS.shell[name], controlPath, logs };
+      shellArgs[name] = ['shell', '--listen', `${a.addr}:${PORTS.shell[name]}`, ...coreArgs, '--control', controlPath, '--switch', 'auto', '--key-file', key, '--policy', policy];
+      pairs[name] = { name, shell: startShell(name, [], logs.shell), core, port: PORTS.shell[name], controlPath, logs };
     }
     writeFileSync(haproxyCfg, `global\n  maxconn 1000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n` +
       `listen relay\n  bind ${a.addr}:${PORTS.haproxy}\n  server core ${b.addr}:${PORTS.routedIperf}\n`);
@@ -123,7 +141,7 @@ export async function startBed(): Promise<Bed> {
       a.waitForListen(PORTS.haproxy, 60_000),
       ...Object.values(pairs).map((p) => waitForLog(p.shell, p.logs.shell, /"stitching available"/, 1, 60_000)),
     ]);
-    return { topo, sw, pairs, echo, rttProbe, mapsDir: join(topo.bpffs!, 'tcp-stitch-to-a', 'maps'), close };
+    return { topo, sw, pairs, echo, rttProbe, mapsDir: join(topo.bpffs!, 'tcp-stitch-to-a', 'maps'), restartShell, close };
   } catch (e) {
     await close();
     throw e;

@@ -265,3 +265,20 @@ export async function measureHandoverCapped(bed: Bed, rounds: number, conns: num
     await set(old);
   }
 }
+
+/** The shell's own cap for measureHandoverSocketBuffer: the kernel keeps twice it, SHELL_BUFFER_CAP. */
+export const SHELL_SOCKET_BUFFER = SHELL_BUFFER_CAP / 2;
+
+/**
+ * The same rounds with the cap set by the shell on its own sockets (`tcp-stitch shell
+ * --socket-buffer`), the host's sysctls untouched: the load shell restarted with it, and without
+ * it after.
+ */
+export async function measureHandoverSocketBuffer(bed: Bed, rounds: number, conns: number, size: number, bytes = SHELL_SOCKET_BUFFER): Promise<HandoverRun[]> {
+  await bed.restartShell('load', ['--socket-buffer', String(bytes)]);
+  try {
+    return await measureHandover(bed, rounds, conns, size, ['mid-load', 'none']);
+  } finally {
+    await bed.restartShell('load', []);
+  }
+}

@@ -1,7 +1,7 @@
 // Turns the raw measurements into report.json (everything, raw) and report.md (the targets first,
 // then the tables they come from).
 import { DEFAULT_RATE_LIMIT } from '../switch/control-server.ts';
-import { SHELL_BUFFER_CAP, type HandoverRun } from './handover.ts';
+import { SHELL_BUFFER_CAP, SHELL_SOCKET_BUFFER, type HandoverRun } from './handover.ts';
 import type { DaemonLoad, InstallRates } from './installs.ts';
 import type { Rtt, RttHandover } from './rtt.ts';
 import { MODES, type Run } from './throughput.ts';
@@ -17,6 +17,8 @@ export interface Raw {
   handover: HandoverRun[];
   /** Mid-load and control runs with the shell host's TCP buffers capped (measureHandoverCapped). */
   handoverCapped?: HandoverRun[];
+  /** The same with the shell's own --socket-buffer instead (measureHandoverSocketBuffer). */
+  handoverSocketBuffer?: HandoverRun[];
   installs?: InstallRates;
   daemon?: DaemonLoad[];
   errors: string[];
@@ -47,9 +49,8 @@ const neverPhase3 = (r: HandoverRun) => Math.max(0, r.stitch!.ok - r.stitch!.she
 /** Decision → phase 3 at the shell, per stitch of runs stitched mid-load. */
 const shellMsOf = (hs: HandoverRun[]) => hs.flatMap((r) => [...r.stitch!.shellMs, ...Array<number>(neverPhase3(r)).fill(r.stitch!.callMs)]);
 
-/** The capped-buffer runs beside the default ones: handover, drain, RTOs, and the unstitched load's duration. */
-function capped(raw: Raw) {
-  const runs = raw.handoverCapped ?? [];
+/** Capped-buffer runs beside the default ones: handover, drain, RTOs, and the unstitched load's duration. */
+function capped(raw: Raw, runs: HandoverRun[] = []) {
   const hs = runs.filter((r) => r.stitch), none = (rs: HandoverRun[]) => rs.filter((r) => !r.stitched && !r.error).map((r) => r.loadMs);
   const ms = shellMsOf(hs);
   if (!ms.length) return undefined;
@@ -122,7 +123,7 @@ export function summarize(raw: Raw) {
       fromStart: { c: tot(hf, 'Tcp.RetransSegs', 'c'), b: tot(hf, 'Tcp.RetransSegs', 'b') },
     },
   };
-  return { modes, by, ratio, likeRatio, cpu, handover, capped: capped(raw) };
+  return { modes, by, ratio, likeRatio, cpu, handover, capped: capped(raw, raw.handoverCapped), socketBuffer: capped(raw, raw.handoverSocketBuffer) };
 }
 
 function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
@@ -161,7 +162,8 @@ function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
     ...(hv.met === false && { why: `decision → installed at the switch p50 ${f(h.toSwitchP50, 0)} ms, → answer seen by the agent p50 ${f(h.toInstalledP50, 0)} ms ` +
       `(${raw.settings.handoverConns} requests at once from a shell whose event loop relays as many loaded connections); ` +
       `the drain itself (first packet → stitched) p50 ${f(h.dpP50, 0)} / p99 ${f(h.dpP99, 0)} ms in the datapath; then the switch's read of the state (the program's event) and the NOTIFY` +
-      (cap ? `. The drain waits on the shell's backlog, which its sockets' buffers bound: with the shell host's TCP buffers capped at ${SHELL_BUFFER_CAP >> 10} KiB, p99 ${f(cap.p99, 0)} ms (Handover under load)` : '') }) });
+      (cap ? `. The drain waits on the shell's backlog, which its sockets' buffers bound: with the shell host's TCP buffers capped at ${SHELL_BUFFER_CAP >> 10} KiB, p99 ${f(cap.p99, 0)} ms` +
+        (s.socketBuffer ? `, with the shell's own --socket-buffer ${SHELL_SOCKET_BUFFER >> 10}k, p99 ${f(s.socketBuffer.p99, 0)} ms` : '') + ' (Handover under load)' : '') }) });
   if (h.idle.n) {
     const iv = verdict(h.idle.p99, 2, 'lower', ' ms', 0, true);
     out.push({ figure: 'handover p99, idle connections (nothing in the shell), decision → phase 3 (shell log)', measured: `${f(h.idle.p99, 0)} ms (p50 ${f(h.idle.p50, 0)} ms, ${h.idle.n} stitches)`, target: '< 2 ms', ...iv, value: h.idle.p99,
@@ -293,6 +295,10 @@ export function render(raw: Raw): { md: string; json: unknown } {
     `decision → phase 3 p50 ${f(cap.p50, 0)} ms, p99 ${f(cap.p99, 0)} ms over ${cap.n} stitches (default buffers, above: p50 ${f(h.shellP50, 0)}, p99 ${f(h.shellP99, 0)} ms); datapath drain p99 ${f(cap.dpP99, 0)} ms; ` +
     `RTOs ${cap.rto}; every transfer byte-exact: ${cap.exact}${cap.failed ? ` (${cap.failed} runs failed)` : ''}. The same load without a stitch took ${f(cap.noneMs, 0)} ms (default buffers: ${f(cap.noneMsDefault, 0)} ms): ` +
     'what the cap costs the shell path here, where every round trip is short. A client far away needs the shell\'s receive buffer to cover its bandwidth-delay product, so the cap is a choice for near clients, not a default.', '');
+  const sb = s.socketBuffer;
+  if (sb) md.push(`With the shell's own \`--socket-buffer ${SHELL_SOCKET_BUFFER >> 10}k\` instead (SO_RCVBUF and SO_SNDBUF of its two sockets of each connection, which the kernel doubles; the host's sysctls untouched; the load shell restarted with it, and without it after): ` +
+    `decision → phase 3 p50 ${f(sb.p50, 0)} ms, p99 ${f(sb.p99, 0)} ms over ${sb.n} stitches; datapath drain p99 ${f(sb.dpP99, 0)} ms; ` +
+    `RTOs ${sb.rto}; every transfer byte-exact: ${sb.exact}${sb.failed ? ` (${sb.failed} runs failed)` : ''}. The same load without a stitch took ${f(sb.noneMs, 0)} ms (default buffers: ${f(sb.noneMsDefault, 0)} ms).`, '');
   const ins = raw.installs;
   md.push('## Stitch installs', '');
   if (ins) {

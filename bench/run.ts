@@ -8,7 +8,7 @@
 //   bench/rtt.ts         round trip routed / relayed / stitched (bench/rtt-probe.c), and the
 //                        round trips of a ping-pong stitched while it runs
 //   bench/handover.ts    stitching loaded connections: handover time, retransmissions, RTOs; again
-//                        with the shell host's TCP buffers capped
+//                        with the shell host's TCP buffers capped, and with the shell's own --socket-buffer
 //   bench/installs.ts    stitch installs per second (datapath maps, control protocol); the switch
 //                        daemon's CPU at a full table of idle stitches (bench/daemon-load.ts)
 //   bench/diagnose.ts    which half of the drain condition a stuck stitch waits on (switch log)
@@ -23,7 +23,7 @@ import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { PROJECT_ROOT } from '../test/hosts.ts';
 import { say, startBed, type Bed } from './bed.ts';
-import { measureHandover, measureHandoverCapped } from './handover.ts';
+import { measureHandover, measureHandoverCapped, measureHandoverSocketBuffer } from './handover.ts';
 import { measureDaemon, measureInstalls } from './installs.ts';
 import { render, type Raw } from './report.ts';
 import { measureRtt } from './rtt.ts';
@@ -69,6 +69,7 @@ try {
   raw.rtt = await part('round trip', () => measureRtt(b, settings.rttSamples, settings.liveRuns));
   raw.handover = (await part('handover', () => measureHandover(b, settings.handoverRounds, settings.handoverConns, settings.handoverMiB << 20))) ?? [];
   raw.handoverCapped = (await part('capped handover', () => measureHandoverCapped(b, settings.handoverRounds, settings.handoverConns, settings.handoverMiB << 20))) ?? [];
+  raw.handoverSocketBuffer = (await part('socket-buffer handover', () => measureHandoverSocketBuffer(b, settings.handoverRounds, settings.handoverConns, settings.handoverMiB << 20))) ?? [];
   raw.installs = await part('installs', () => measureInstalls(b.topo.bpffs!));
   raw.daemon = await part('daemon', () => measureDaemon(b.topo.s, b.topo.bpffs!));
 } finally {

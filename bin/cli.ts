@@ -131,7 +131,7 @@ async function cmdShell(v: Values): Promise<number> {
   await listenOn(server, listen, '--listen');
   const stopControl = await serveControl(controlPath, (req) => agent.control(req));
   await agent.start();
-  log.info('shell listening', { listen, core: coreAt, plainCore, control: controlPath });
+  log.info('shell listening', { listen, core: coreAt, plainCore, control: controlPath, ...(socketBuffer !== undefined && { socketBuffer }) });
   return untilSignal(log, async () => {
     server.close();
     await stopControl();
