@@ -291,14 +291,16 @@ export function render(raw: Raw): { md: string; json: unknown } {
     `| same load, no stitch (${h.controlRuns}) | ${h.retrans.control.c} / ${h.retrans.control.b} | ${h.rto.control.c} / ${h.rto.control.b} |`,
     `| same load, stitched before it (${h.fromStartRuns}) | ${h.retrans.fromStart.c} / ${h.retrans.fromStart.b} | ${h.rto.fromStart.c} / ${h.rto.fromStart.b} |`, '');
   const cap = s.capped;
+  // The capped runs of one kind against the default ones above.
+  const cappedFigures = (c: NonNullable<typeof cap>) => `decision → phase 3 p50 ${f(c.p50, 0)} ms, p99 ${f(c.p99, 0)} ms over ${c.n} stitches (default buffers, above: p50 ${f(h.shellP50, 0)}, p99 ${f(h.shellP99, 0)} ms); ` +
+    `datapath drain p99 ${f(c.dpP99, 0)} ms; RTOs ${c.rto}; every transfer byte-exact: ${c.exact}${c.failed ? ` (${c.failed} runs failed)` : ''}. ` +
+    `The same load without a stitch took ${f(c.noneMs, 0)} ms (default buffers: ${f(c.noneMsDefault, 0)} ms)`;
   if (cap) md.push(`With the shell host's TCP buffers capped at ${SHELL_BUFFER_CAP >> 10} KiB (the max of net.ipv4.tcp_rmem and tcp_wmem in A, restored after; the same rounds, mid-load and without a stitch): ` +
-    `decision → phase 3 p50 ${f(cap.p50, 0)} ms, p99 ${f(cap.p99, 0)} ms over ${cap.n} stitches (default buffers, above: p50 ${f(h.shellP50, 0)}, p99 ${f(h.shellP99, 0)} ms); datapath drain p99 ${f(cap.dpP99, 0)} ms; ` +
-    `RTOs ${cap.rto}; every transfer byte-exact: ${cap.exact}${cap.failed ? ` (${cap.failed} runs failed)` : ''}. The same load without a stitch took ${f(cap.noneMs, 0)} ms (default buffers: ${f(cap.noneMsDefault, 0)} ms): ` +
-    'what the cap costs the shell path here, where every round trip is short. A client far away needs the shell\'s receive buffer to cover its bandwidth-delay product, so the cap is a choice for near clients, not a default.', '');
+    `${cappedFigures(cap)}: what the cap costs the shell path here, where every round trip is short. ` +
+    'A client far away needs the shell\'s receive buffer to cover its bandwidth-delay product, so the cap is a choice for near clients, not a default.', '');
   const sb = s.socketBuffer;
   if (sb) md.push(`With the shell's own \`--socket-buffer ${SHELL_SOCKET_BUFFER >> 10}k\` instead (SO_RCVBUF and SO_SNDBUF of its two sockets of each connection, which the kernel doubles; the host's sysctls untouched; the load shell restarted with it, and without it after): ` +
-    `decision → phase 3 p50 ${f(sb.p50, 0)} ms, p99 ${f(sb.p99, 0)} ms over ${sb.n} stitches; datapath drain p99 ${f(sb.dpP99, 0)} ms; ` +
-    `RTOs ${sb.rto}; every transfer byte-exact: ${sb.exact}${sb.failed ? ` (${sb.failed} runs failed)` : ''}. The same load without a stitch took ${f(sb.noneMs, 0)} ms (default buffers: ${f(sb.noneMsDefault, 0)} ms).`, '');
+    `${cappedFigures(sb)}.`, '');
   const ins = raw.installs;
   md.push('## Stitch installs', '');
   if (ins) {

@@ -25,16 +25,18 @@ export interface LiveHandover {
   /** Every round trip outside the handover. */
   outsideUs: number[];
 }
+/** How many round trips, and their p50, p99 and max (µs). */
+export interface Spread { n: number; p50Us: number; p99Us: number; maxUs: number }
 export interface RttHandover {
   /** Pings per connection. */
   n: number;
   runs: Array<Omit<LiveHandover, 'windowMaxUs' | 'outsideUs'>>;
   /** The longest round trip during each handover, across the runs. */
-  longest: { p50Us: number; p99Us: number; maxUs: number };
+  longest: Spread;
   /** The same for the windows of the same length outside the handovers. */
-  windows: { n: number; p50Us: number; p99Us: number; maxUs: number };
+  windows: Spread;
   /** Every round trip outside the handovers. */
-  outside: { n: number; p50Us: number; p99Us: number; maxUs: number };
+  outside: Spread;
 }
 
 async function one(bed: Bed, host: string, port: number, n: number, stitch: boolean): Promise<Rtt> {
@@ -91,16 +93,15 @@ async function midRun(bed: Bed, n: number): Promise<LiveHandover> {
   }
 }
 
-const spread = (xs: number[]) => ({ n: xs.length, p50Us: quantile(xs, 0.5), p99Us: quantile(xs, 0.99), maxUs: Math.max(...xs) });
+const spread = (xs: number[]): Spread => ({ n: xs.length, p50Us: quantile(xs, 0.5), p99Us: quantile(xs, 0.99), maxUs: Math.max(...xs) });
 
 /** `liveRuns` connections stitched mid-run, n pings each. */
 async function live(bed: Bed, n: number, liveRuns: number): Promise<RttHandover> {
   const runs: LiveHandover[] = [];
   for (let i = 0; i < liveRuns; i++) runs.push(await midRun(bed, n));
-  const longest = runs.map((r) => r.longestUs);
   return {
     n, runs: runs.map(({ windowMaxUs, outsideUs, ...run }) => run),
-    longest: { p50Us: quantile(longest, 0.5), p99Us: quantile(longest, 0.99), maxUs: Math.max(...longest) },
+    longest: spread(runs.map((r) => r.longestUs)),
     windows: spread(runs.flatMap((r) => r.windowMaxUs)), outside: spread(runs.flatMap((r) => r.outsideUs)),
   };
 }

@@ -403,7 +403,7 @@ describe('sdk - the shell\'s socketBuffer (loopback)', function () {
     }
   });
 
-  it('socketBuffer - the CLI\'s --socket-buffer takes 256k or bytes, and exits 2 with one line on a bad one', async () => {
+  it('socketBuffer - the CLI\'s --socket-buffer refuses a bad size (not bytes, k or m; below 4096) with exit 2 and one line', async () => {
     const run = (size: string) => promisify(execFile)(process.execPath, ['bin/tcp-stitch.js', 'shell', '--listen', '127.0.0.1:1', '--core', '127.0.0.1:2', '--switch', 'off', '--socket-buffer', size])
       .then(() => ({ code: 0, stderr: '' }), (e: { code: number; stderr: string }) => ({ code: e.code, stderr: e.stderr }));
     for (const [size, what] of [['abc', /--socket-buffer must be a size in bytes/], ['100', /--socket-buffer\) must be .* at least 4096/], ['1g', /--socket-buffer must be a size/]] as const) {

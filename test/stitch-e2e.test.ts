@@ -294,7 +294,7 @@ describe('stitch e2e (CLI, namespaces, eBPF datapath)', function () {
       `stitched ${(afterBps / 1e9).toFixed(2)} Gbit/s = ${ratio.toFixed(2)}x routed (stitched at ${stitchedAt.toFixed(1)} s); ` +
       `rtt/cwnd routed ${routed.intervals.map((i) => `${i.streams[0]?.rtt}/${i.streams[0]?.snd_cwnd}`).join(' ')}, through the shell ${run.intervals.map((i) => `${i.streams[0]?.rtt}/${i.streams[0]?.snd_cwnd}/${i.streams[0]?.retransmits}`).join(' ')}`);
     assert.ok(run.end.sum_received.bytes > 0, 'iperf3 completed');
-    // The ratio against the 0.9 target is the bench's (medians of nine runs each: a single run here
+    // The ratio against the 0.9 target is the bench's (medians of fifteen runs each: a single run here
     // ranges 0.8-1.3x). Here only a floor that tells the stitched fast path from none: the shell's
     // relay runs at 0.3x routed, the stitched path has never run below 0.7x.
     assert.ok(ratio >= 0.5, `stitched at ${ratio.toFixed(2)}x routed: below the 0.5x floor`);
