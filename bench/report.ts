@@ -139,8 +139,8 @@ function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
       const st = s.by.stitched, ro = s.by.routed;
       why = 'stitched and routed end in the same iperf3 socket on B (the shell\'s core is plain); what differs is S: ' +
         'the program rewrites every stitched packet (routed packets pass the same program, which finds no stitch), and the stitched path\'s own ' +
-        `retransmissions (sender median ${f(reverse ? st.retransB2C : st.retransC2B, 0)} stitched vs ${f(reverse ? ro.retransB2C : ro.retransC2B, 0)} routed per run; whole runs: ` +
-        'the relay phase and the handover count too, and per 1-s interval after the handover a stitched sender retransmitted as much as a routed one under cubic and more under BBR in scratch runs, docs/handover.md), ' +
+        `retransmissions (sender median ${f(reverse ? st.retransB2C : st.retransC2B, 0)} stitched vs ${f(reverse ? ro.retransB2C : ro.retransC2B, 0)} routed per run; whole runs, ` +
+        'the relay phase and the handover included: where they fall, docs/handover.md, Open), ' +
         `on the same two vCPUs as C, A and B. Per round: ${pairs(raw, reverse)}.` +
         (failures.length ? ` ${failures.length} stitched run(s) failed: ${failures[0]!.error}` : '');
     }
