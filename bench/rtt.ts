@@ -6,7 +6,11 @@
 // pings; the longest round trip that overlaps the handover (decision → phase 3 in the shell's log,
 // widened by the log's 1 ms resolution), against the longest in windows of the same length
 // outside it on the same connection (phase 2 before, phase 3 after): the baseline a single
-// maximum of ~100 round trips can be compared with.
+// maximum of ~100 round trips can be compared with. Every other connection runs with the switch
+// daemon and the shell on separate vCPUs, as on their separate hosts S and A: here they share two,
+// and the daemon's work on the STITCH otherwise delays the shell's relaying of the pings.
+import { execFileSync } from 'node:child_process';
+import { availableParallelism } from 'node:os';
 import { JsonProc } from '../test/bed.ts';
 import { PORTS, quantile, stitchAllDirect, untilStatus, type Bed, type ConnView } from './bed.ts';
 import { shellHandover } from './handover.ts';
@@ -95,22 +99,47 @@ async function midRun(bed: Bed, n: number): Promise<LiveHandover> {
 
 const spread = (xs: number[]): Spread => ({ n: xs.length, p50Us: quantile(xs, 0.5), p99Us: quantile(xs, 0.99), maxUs: Math.max(...xs) });
 
-/** `liveRuns` connections stitched mid-run, n pings each. */
-async function live(bed: Bed, n: number, liveRuns: number): Promise<RttHandover> {
-  const runs: LiveHandover[] = [];
-  for (let i = 0; i < liveRuns; i++) runs.push(await midRun(bed, n));
-  return {
-    n, runs: runs.map(({ windowMaxUs, outsideUs, ...run }) => run),
-    longest: spread(runs.map((r) => r.longestUs)),
-    windows: spread(runs.flatMap((r) => r.windowMaxUs)), outside: spread(runs.flatMap((r) => r.outsideUs)),
-  };
+const summary = (n: number, runs: LiveHandover[]): RttHandover => ({
+  n, runs: runs.map(({ windowMaxUs, outsideUs, ...run }) => run),
+  longest: spread(runs.map((r) => r.longestUs)),
+  windows: spread(runs.flatMap((r) => r.windowMaxUs)), outside: spread(runs.flatMap((r) => r.outsideUs)),
+});
+
+/** Runs fn with the switch daemon on the last vCPU and the RTT shell on the others (all their threads), then lets both run anywhere again. */
+async function apart<T>(bed: Bed, fn: () => Promise<T>): Promise<T> {
+  const cpus = availableParallelism();
+  if (cpus < 2) throw new Error(`one vCPU: the switch daemon and the shell cannot be kept apart`);
+  const pin = (pid: number | undefined, list: string) => execFileSync('taskset', ['-a', '-p', '-c', list, String(pid)], { stdio: 'ignore' });
+  const [sw, shell] = [bed.sw.child.pid, bed.pairs.rtt.shell.pid];
+  try {
+    pin(sw, String(cpus - 1));
+    pin(shell, `0-${cpus - 2}`);
+    return await fn();
+  } finally {
+    pin(sw, `0-${cpus - 1}`);
+    pin(shell, `0-${cpus - 1}`);
+  }
 }
 
-export async function measureRtt(bed: Bed, n: number, liveRuns: number): Promise<{ routed: Rtt; shellRelay: Rtt; stitched: Rtt; handover: RttHandover | { error: string } }> {
+type LiveResult = RttHandover | { error: string };
+
+/** 2 × `liveRuns` connections stitched mid-run, n pings each, alternating: all processes free to run
+ *  on any vCPU (as everything else in the bench), and the switch daemon kept apart from the shell. */
+async function live(bed: Bed, n: number, liveRuns: number): Promise<{ shared: LiveResult; apart: LiveResult }> {
+  const shared: LiveHandover[] = [], kept: LiveHandover[] = [];
+  let apartError: string | undefined;
+  for (let i = 0; i < liveRuns; i++) {
+    shared.push(await midRun(bed, n));
+    if (apartError === undefined) await apart(bed, () => midRun(bed, n)).then((r) => kept.push(r), (e: Error) => { apartError = e.message; });
+  }
+  return { shared: summary(n, shared), apart: apartError === undefined ? summary(n, kept) : { error: apartError } };
+}
+
+export async function measureRtt(bed: Bed, n: number, liveRuns: number): Promise<{ routed: Rtt; shellRelay: Rtt; stitched: Rtt; handover: LiveResult; handoverApart: LiveResult }> {
   const { a, b } = bed.topo;
   const routed = await one(bed, b.addr, PORTS.rtt, n, false);
   const shellRelay = await one(bed, a.addr, PORTS.shell.rtt, n, false);
   const stitched = await one(bed, a.addr, PORTS.shell.rtt, n, true);
-  const handover = await live(bed, n, liveRuns).catch((e: Error) => ({ error: e.message }));
-  return { routed, shellRelay, stitched, handover };
+  const { shared: handover, apart: handoverApart } = await live(bed, n, liveRuns).catch((e: Error) => ({ shared: { error: e.message }, apart: { error: e.message } }));
+  return { routed, shellRelay, stitched, handover, handoverApart };
 }
