@@ -6,7 +6,8 @@
 //   bench/throughput.ts  routed / stitched / routed + B relay / stitched + B relay / shell relay /
 //                        HAProxy, both ways; shell CPU per GiB in phase 2 and 3
 //   bench/rtt.ts         round trip routed / relayed / stitched (bench/rtt-probe.c), and the
-//                        round trips of a ping-pong stitched while it runs
+//                        round trips of a ping-pong stitched while it runs, also with the switch
+//                        daemon and the shell kept on separate vCPUs
 //   bench/handover.ts    stitching loaded connections: handover time, retransmissions, RTOs; again
 //                        with the shell host's TCP buffers capped, and with the shell's own --socket-buffer
 //   bench/installs.ts    stitch installs per second (datapath maps, control protocol); the switch
@@ -16,7 +17,7 @@
 //
 // Environment: BENCH_ROUNDS (3), BENCH_TARGET_ROUNDS (15: rounds of routed and stitched; a median of
 // 9 moved by ±0.04 between runs of the same code), BENCH_SECONDS (6), BENCH_RTT_SAMPLES (3000),
-// BENCH_LIVE_RUNS (10: connections stitched mid-ping-pong), BENCH_HANDOVER_ROUNDS (2),
+// BENCH_LIVE_RUNS (10: connections stitched mid-ping-pong, and as many kept apart), BENCH_HANDOVER_ROUNDS (2),
 // BENCH_HANDOVER_CONNS (20), BENCH_HANDOVER_MIB (40).
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
