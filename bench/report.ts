@@ -11,8 +11,10 @@ export interface Raw {
   when: string; kernel: string; cpus: number; runtimeS: number;
   /** Seconds each part took. */
   parts: Record<string, number>;
-  settings: { rounds: number; targetRounds?: number; seconds: number; rttSamples: number; liveRuns?: number; handoverRounds: number; handoverConns: number; handoverMiB: number };
+  settings: { rounds: number; targetRounds?: number; groRounds?: number; seconds: number; rttSamples: number; liveRuns?: number; handoverRounds: number; handoverConns: number; handoverMiB: number };
   throughput: Run[];
+  /** Routed and stitched again with GRO on every veth (measureThroughputGro). */
+  throughputGro?: Run[];
   rtt?: { routed: Rtt; shellRelay: Rtt; stitched: Rtt; handover?: RttHandover | { error: string }; handoverApart?: RttHandover | { error: string } };
   handover: HandoverRun[];
   /** Mid-load and control runs with the shell host's TCP buffers capped (measureHandoverCapped). */
@@ -62,19 +64,27 @@ function capped(raw: Raw, runs: HandoverRun[] = []) {
   };
 }
 
+/** Medians of one mode's runs, each way. */
+function modeStats(runs: Run[], mode: Run['mode']) {
+  const rs = runs.filter((r) => r.mode === mode);
+  const dir = (reverse: boolean) => rs.filter((r) => r.reverse === reverse && ok(r));
+  return {
+    mode,
+    c2b: median(dir(false).map((r) => r.gbps)), b2c: median(dir(true).map((r) => r.gbps)),
+    retransC2B: median(dir(false).map((r) => r.retransmits)), retransB2C: median(dir(true).map((r) => r.retransmits)),
+    runs: rs.length, failed: rs.filter((r) => !ok(r)).length,
+  };
+}
+
 export function summarize(raw: Raw) {
-  const modes = MODES.map((mode) => {
-    const rs = raw.throughput.filter((r) => r.mode === mode);
-    const dir = (reverse: boolean) => rs.filter((r) => r.reverse === reverse && ok(r));
-    return {
-      mode,
-      c2b: median(dir(false).map((r) => r.gbps)), b2c: median(dir(true).map((r) => r.gbps)),
-      retransC2B: median(dir(false).map((r) => r.retransmits)), retransB2C: median(dir(true).map((r) => r.retransmits)),
-      runs: rs.length, failed: rs.filter((r) => !ok(r)).length,
-    };
-  });
+  const modes = MODES.map((mode) => modeStats(raw.throughput, mode));
   const by = Object.fromEntries(modes.map((m) => [m.mode, m])) as Record<Run['mode'], (typeof modes)[number]>;
   const ratio = { c2b: by.stitched.c2b / by.routed.c2b, b2c: by.stitched.b2c / by.routed.b2c };
+  const groRuns = raw.throughputGro ?? [];
+  const gro = groRuns.length ? (() => {
+    const routed = modeStats(groRuns, 'routed'), stitched = modeStats(groRuns, 'stitched');
+    return { routed, stitched, ratio: { c2b: stitched.c2b / routed.c2b, b2c: stitched.b2c / routed.b2c } };
+  })() : undefined;
   const likeRatio = { c2b: by['stitched + B relay'].c2b / by['routed + B relay'].c2b, b2c: by['stitched + B relay'].b2c / by['routed + B relay'].b2c };
   const relay = raw.throughput.filter((r) => r.mode === 'shell relay' && ok(r));
   const stitched = raw.throughput.filter((r) => r.mode === 'stitched' && ok(r) && r.stitch);
@@ -123,7 +133,7 @@ export function summarize(raw: Raw) {
       fromStart: { c: tot(hf, 'Tcp.RetransSegs', 'c'), b: tot(hf, 'Tcp.RetransSegs', 'b') },
     },
   };
-  return { modes, by, ratio, likeRatio, cpu, handover, capped: capped(raw, raw.handoverCapped), socketBuffer: capped(raw, raw.handoverSocketBuffer) };
+  return { modes, by, ratio, likeRatio, gro, cpu, handover, capped: capped(raw, raw.handoverCapped), socketBuffer: capped(raw, raw.handoverSocketBuffer) };
 }
 
 function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
@@ -142,6 +152,7 @@ function targets(raw: Raw, s: ReturnType<typeof summarize>): Target[] {
         `retransmissions (sender median ${f(reverse ? st.retransB2C : st.retransC2B, 0)} stitched vs ${f(reverse ? ro.retransB2C : ro.retransC2B, 0)} routed per run; whole runs, ` +
         'the relay phase and the handover included: where they fall, docs/handover.md, Open), ' +
         `on the same two vCPUs as C, A and B. Per round: ${pairs(raw, reverse)}.` +
+        (s.gro ? ` With GRO on every veth (a flow's packets in order, as from a NIC's receive queue; Throughput), ${f(s.gro.ratio[k], 3)}.` : '') +
         (failures.length ? ` ${failures.length} stitched run(s) failed: ${failures[0]!.error}` : '');
     }
     out.push({ figure: `stitched / routed throughput ${name}`, measured: f(s.ratio[k], 3), target: '≥ 0.95', ...v, value: s.ratio[k], ...(why && { why }) });
@@ -229,10 +240,10 @@ const liveRows = (label: string, h: RttHandover) => [
 const perConn = (h: RttHandover) => h.runs.map((x) => `${f(x.handoverMs, 0)}/${x.during}/${x.longestUs}@${f(x.longestAtMs, 1)}`).join(', ');
 
 /** Each round's stitched rate over the same round's routed rate, one direction. */
-function pairs(raw: Raw, reverse: boolean): string {
-  const rounds = [...new Set(raw.throughput.map((r) => r.round))];
+function pairs(raw: Raw, reverse: boolean, runs = raw.throughput): string {
+  const rounds = [...new Set(runs.map((r) => r.round))];
   return rounds.map((round) => {
-    const get = (mode: Run['mode']) => raw.throughput.find((r) => r.round === round && r.reverse === reverse && r.mode === mode);
+    const get = (mode: Run['mode']) => runs.find((r) => r.round === round && r.reverse === reverse && r.mode === mode);
     const st = get('stitched'), ro = get('routed');
     return st && ro && ok(st) && ok(ro) ? f(st.gbps / ro.gbps) : 'n/a';
   }).join(', ');
@@ -259,6 +270,12 @@ export function render(raw: Raw): { md: string; json: unknown } {
     `"stitched + B relay" goes through \`tcp-stitch core\`, which relays to iperf3 on B's loopback (core ${f(s.cpu.coreCpuPerS)} CPU-s/s while stitched, median): ` +
     `a second TCP connection on B, on the same two vCPUs. Its like-for-like baseline is "routed + B relay" (B's iperf3 behind test/fixtures/forward.ts, the same relay code); against it: C→B ${f(s.likeRatio.c2b)}, B→C ${f(s.likeRatio.b2c)}.`, '',
     `Stitched / routed per round (routed run just before): C→B ${pairs(raw, false)}; B→C ${pairs(raw, true)}.`, '',
+    ...(s.gro ? [
+      `With GRO on every veth: ${raw.settings.groRounds} more rounds of routed and stitched, after the rounds above (GRO off again after them). Linux's veth (GRO off, its default) hands each packet to the CPU that sent it, ` +
+      'so a flow whose sender sends from both vCPUs arrives out of order, which a NIC with a receive queue per flow does not do; with GRO on, a veth receives through NAPI, one CPU at a time, in order.', '',
+      '| mode, GRO on | C→B Gbit/s | ratio | B→C Gbit/s | ratio | retransmits C→B / B→C (median, sender, whole run) | runs failed |', '|---|---|---|---|---|---|---|',
+      ...[s.gro.routed, s.gro.stitched].map((m) => `| ${m.mode} | ${f(m.c2b)} | ${f(m.c2b / s.gro!.routed.c2b)} | ${f(m.b2c)} | ${f(m.b2c / s.gro!.routed.b2c)} | ${f(m.retransC2B, 0)} / ${f(m.retransB2C, 0)} | ${m.failed}/${m.runs} |`), '',
+      `Per round, GRO on: C→B ${pairs(raw, false, raw.throughputGro)}; B→C ${pairs(raw, true, raw.throughputGro)}.`, ''] : []),
     'Stitched runs: ' + raw.throughput.filter((r) => r.mode.startsWith('stitched')).map((r) => `${r.mode}, ${r.reverse ? 'B→C' : 'C→B'} ${r.error ? `failed (${r.error})` :
       `${f(r.gbps)} Gbit/s (${r.stitch!.beforeGbps.length ? `before the stitch ${r.stitch!.beforeGbps.map((x) => f(x, 1)).join('/')}; ` : ''}stitch returned at ${f(r.stitch!.returnedAtS, 1)} s after ${f(r.stitch!.cliMs, 0)} ms of CLI` +
       `${r.stitch!.coreCpuPerS === undefined ? '' : `; core ${f(r.stitch!.coreCpuPerS)} CPU`})`}`).join('; ') + '.', '',

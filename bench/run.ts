@@ -4,7 +4,8 @@
 //
 //   bench/bed.ts         the topology and everything started on it (switch, cores, shells, HAProxy)
 //   bench/throughput.ts  routed / stitched / routed + B relay / stitched + B relay / shell relay /
-//                        HAProxy, both ways; shell CPU per GiB in phase 2 and 3
+//                        HAProxy, both ways; shell CPU per GiB in phase 2 and 3; routed and stitched
+//                        again with GRO on every veth
 //   bench/rtt.ts         round trip routed / relayed / stitched (bench/rtt-probe.c), and the
 //                        round trips of a ping-pong stitched while it runs, also with the switch
 //                        daemon and the shell kept on separate vCPUs
@@ -16,7 +17,7 @@
 //   bench/report.ts      targets table, tables, report.json
 //
 // Environment: BENCH_ROUNDS (3), BENCH_TARGET_ROUNDS (15: rounds of routed and stitched; a median of
-// 9 moved by ±0.04 between runs of the same code), BENCH_SECONDS (6), BENCH_RTT_SAMPLES (3000),
+// 9 moved by ±0.04 between runs of the same code), BENCH_GRO_ROUNDS (10), BENCH_SECONDS (6), BENCH_RTT_SAMPLES (3000),
 // BENCH_LIVE_RUNS (10: connections stitched mid-ping-pong, and as many kept apart), BENCH_HANDOVER_ROUNDS (2),
 // BENCH_HANDOVER_CONNS (20), BENCH_HANDOVER_MIB (40).
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
@@ -28,7 +29,7 @@ import { measureHandover, measureHandoverCapped, measureHandoverSocketBuffer } f
 import { measureDaemon, measureInstalls } from './installs.ts';
 import { render, type Raw } from './report.ts';
 import { measureRtt } from './rtt.ts';
-import { measureThroughput } from './throughput.ts';
+import { measureThroughput, measureThroughputGro } from './throughput.ts';
 
 const num = (name: string, dflt: number) => {
   const v = Number(process.env[name] ?? dflt);
@@ -36,7 +37,7 @@ const num = (name: string, dflt: number) => {
   return v;
 };
 const settings = {
-  rounds: num('BENCH_ROUNDS', 3), targetRounds: num('BENCH_TARGET_ROUNDS', 15), seconds: num('BENCH_SECONDS', 6), rttSamples: num('BENCH_RTT_SAMPLES', 3000),
+  rounds: num('BENCH_ROUNDS', 3), targetRounds: num('BENCH_TARGET_ROUNDS', 15), groRounds: num('BENCH_GRO_ROUNDS', 10), seconds: num('BENCH_SECONDS', 6), rttSamples: num('BENCH_RTT_SAMPLES', 3000),
   liveRuns: num('BENCH_LIVE_RUNS', 10),
   handoverRounds: num('BENCH_HANDOVER_ROUNDS', 2), handoverConns: num('BENCH_HANDOVER_CONNS', 20), handoverMiB: num('BENCH_HANDOVER_MIB', 40),
 };
@@ -67,6 +68,7 @@ try {
   raw.parts.setup = (performance.now() - t) / 1000;
   const b = bed;
   raw.throughput = (await part('throughput', () => measureThroughput(b, settings.rounds, settings.seconds, settings.targetRounds))) ?? [];
+  raw.throughputGro = (await part('throughput, GRO on', () => measureThroughputGro(b, settings.groRounds, settings.seconds))) ?? [];
   raw.rtt = await part('round trip', () => measureRtt(b, settings.rttSamples, settings.liveRuns));
   raw.handover = (await part('handover', () => measureHandover(b, settings.handoverRounds, settings.handoverConns, settings.handoverMiB << 20))) ?? [];
   raw.handoverCapped = (await part('capped handover', () => measureHandoverCapped(b, settings.handoverRounds, settings.handoverConns, settings.handoverMiB << 20))) ?? [];

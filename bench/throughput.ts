@@ -12,6 +12,10 @@
 //   haproxy      C -> HAProxy (TCP mode) on A -> B's iperf3
 // Around the shell runs it reads the shell's CPU (utime + stime): the whole run for phase 2, only the
 // counted intervals for phase 3. For stitched runs it also reads the core's CPU over the same window.
+// Then routed and stitched again with GRO on every veth (measureThroughputGro): Linux's veth hands
+// each packet to the CPU that sent it, so a flow whose sender sends from both vCPUs arrives out of
+// order, which no NIC with a receive queue per flow does; with GRO on, a veth receives through NAPI,
+// one CPU at a time, in order.
 import { drainDiagnosis } from './diagnose.ts';
 import { PORTS, cpuBetween, cpuSeconds, cpuTrace, say, settle, stitchAllCli, untilStatus, type Bed, type Pair } from './bed.ts';
 
@@ -134,24 +138,49 @@ const TARGET_MODES: Mode[] = ['routed', 'stitched'];
 export async function measureThroughput(bed: Bed, rounds: number, seconds: number, targetRounds = rounds): Promise<Run[]> {
   const runs: Run[] = [];
   const total = Math.max(rounds, targetRounds);
-  for (let round = 0; round < total; round++) {
-    for (const mode of round < rounds ? MODES : TARGET_MODES) {
-      for (const reverse of [false, true]) {
-        let r: Run;
-        try {
-          const m = mode === 'stitched' ? await stitched(bed, bed.pairs.iperf, seconds, reverse)
-            : mode === 'stitched + B relay' ? await stitched(bed, bed.pairs.iperfCore, seconds, reverse)
-            : await plain(bed, mode, seconds, reverse);
-          r = { mode, round, reverse, ...m };
-        } catch (e) {
-          r = { mode, round, reverse, gbps: NaN, retransmits: 0, bytes: 0, error: (e as Error).message };
-        }
-        runs.push(r);
-        const core = r.stitch?.coreCpuPerS === undefined ? '' : `core ${r.stitch.coreCpuPerS.toFixed(2)} CPU, `;
-        const extra = r.stitch ? ` (stitched at ${r.stitch.returnedAtS.toFixed(2)} s, ${r.stitch.counted.length} intervals; ${core}shell ${r.stitch.shellCpuPerS.toFixed(3)} CPU)` : '';
-        say(`round ${round + 1}/${total} ${mode.padEnd(18)} ${reverse ? 'B->C' : 'C->B'} ${r.error ? `FAILED: ${r.error}` : `${r.gbps.toFixed(2)} Gbit/s, ${r.retransmits} retransmits${extra}`}`);
+  for (let round = 0; round < total; round++) runs.push(...await oneRound(bed, round, total, round < rounds ? MODES : TARGET_MODES, seconds));
+  return runs;
+}
+
+/** One round: each mode C->B, then B->C. A run that fails is kept, with its error. */
+async function oneRound(bed: Bed, round: number, total: number, modes: Mode[], seconds: number, label = ''): Promise<Run[]> {
+  const runs: Run[] = [];
+  for (const mode of modes) {
+    for (const reverse of [false, true]) {
+      let r: Run;
+      try {
+        const m = mode === 'stitched' ? await stitched(bed, bed.pairs.iperf, seconds, reverse)
+          : mode === 'stitched + B relay' ? await stitched(bed, bed.pairs.iperfCore, seconds, reverse)
+          : await plain(bed, mode, seconds, reverse);
+        r = { mode, round, reverse, ...m };
+      } catch (e) {
+        r = { mode, round, reverse, gbps: NaN, retransmits: 0, bytes: 0, error: (e as Error).message };
       }
+      runs.push(r);
+      const core = r.stitch?.coreCpuPerS === undefined ? '' : `core ${r.stitch.coreCpuPerS.toFixed(2)} CPU, `;
+      const extra = r.stitch ? ` (stitched at ${r.stitch.returnedAtS.toFixed(2)} s, ${r.stitch.counted.length} intervals; ${core}shell ${r.stitch.shellCpuPerS.toFixed(3)} CPU)` : '';
+      say(`round ${round + 1}/${total}${label && ` ${label}`} ${mode.padEnd(18)} ${reverse ? 'B->C' : 'C->B'} ${r.error ? `FAILED: ${r.error}` : `${r.gbps.toFixed(2)} Gbit/s, ${r.retransmits} retransmits${extra}`}`);
     }
+  }
+  return runs;
+}
+
+/** GRO on, or off (Linux's default for a veth), on every veth of the topology. */
+async function setGro(bed: Bed, on: boolean): Promise<void> {
+  for (const h of bed.topo.hosts) {
+    const links = (await h.runOk('ip', ['-o', 'link', 'show', 'type', 'veth'])).stdout;
+    for (const m of links.matchAll(/^\d+: ([^@:\s]+)/gm)) await h.runOk('ethtool', ['-K', m[1]!, 'gro', on ? 'on' : 'off']);
+  }
+}
+
+/** `rounds` rounds of routed and stitched, both ways, with GRO on every veth; GRO off again after. */
+export async function measureThroughputGro(bed: Bed, rounds: number, seconds: number): Promise<Run[]> {
+  const runs: Run[] = [];
+  await setGro(bed, true);
+  try {
+    for (let round = 0; round < rounds; round++) runs.push(...await oneRound(bed, round, rounds, TARGET_MODES, seconds, 'GRO on'));
+  } finally {
+    await setGro(bed, false);
   }
   return runs;
 }
