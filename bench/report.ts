@@ -76,9 +76,14 @@ function modeStats(runs: Run[], mode: Run['mode']) {
   };
 }
 
+type ModeStats = ReturnType<typeof modeStats>;
+/** One row of a throughput table: a mode's medians and its ratios against routed. */
+const modeRow = (m: ModeStats, routed: ModeStats) =>
+  `| ${m.mode} | ${f(m.c2b)} | ${f(m.c2b / routed.c2b)} | ${f(m.b2c)} | ${f(m.b2c / routed.b2c)} | ${f(m.retransC2B, 0)} / ${f(m.retransB2C, 0)} | ${m.failed}/${m.runs} |`;
+
 export function summarize(raw: Raw) {
   const modes = MODES.map((mode) => modeStats(raw.throughput, mode));
-  const by = Object.fromEntries(modes.map((m) => [m.mode, m])) as Record<Run['mode'], (typeof modes)[number]>;
+  const by = Object.fromEntries(modes.map((m) => [m.mode, m])) as Record<Run['mode'], ModeStats>;
   const ratio = { c2b: by.stitched.c2b / by.routed.c2b, b2c: by.stitched.b2c / by.routed.b2c };
   const groRuns = raw.throughputGro ?? [];
   const gro = groRuns.length ? (() => {
@@ -265,7 +270,7 @@ export function render(raw: Raw): { md: string; json: unknown } {
     '## Throughput', '',
     `${raw.settings.rounds} interleaved rounds of every mode${(raw.settings.targetRounds ?? 0) > raw.settings.rounds ? `, then routed and stitched alone up to ${raw.settings.targetRounds} rounds (single runs here range over ±25 %)` : ''}; iperf3 -i 1 -J, ${raw.settings.seconds} s per run (stitched: ${raw.settings.seconds + 3} s, counting only the 1-s intervals that start ≥ 1 s after \`tcp-stitch stitch --all\` returned); medians; ratios against routed.`, '',
     '| mode | C→B Gbit/s | ratio | B→C Gbit/s | ratio | retransmits C→B / B→C (median, sender, whole run) | runs failed |', '|---|---|---|---|---|---|---|',
-    ...s.modes.map((m) => `| ${m.mode} | ${f(m.c2b)} | ${f(m.c2b / by.routed.c2b)} | ${f(m.b2c)} | ${f(m.b2c / by.routed.b2c)} | ${f(m.retransC2B, 0)} / ${f(m.retransB2C, 0)} | ${m.failed}/${m.runs} |`), '',
+    ...s.modes.map((m) => modeRow(m, by.routed)), '',
     '"stitched" and "shell relay" go through the shell with a plain core: iperf3 on B is the shell\'s core, the same server routed and HAProxy use. ' +
     `"stitched + B relay" goes through \`tcp-stitch core\`, which relays to iperf3 on B's loopback (core ${f(s.cpu.coreCpuPerS)} CPU-s/s while stitched, median): ` +
     `a second TCP connection on B, on the same two vCPUs. Its like-for-like baseline is "routed + B relay" (B's iperf3 behind test/fixtures/forward.ts, the same relay code); against it: C→B ${f(s.likeRatio.c2b)}, B→C ${f(s.likeRatio.b2c)}.`, '',
@@ -274,7 +279,7 @@ export function render(raw: Raw): { md: string; json: unknown } {
       `With GRO on every veth: ${raw.settings.groRounds} more rounds of routed and stitched, after the rounds above (GRO off again after them). Linux's veth (GRO off, its default) hands each packet to the CPU that sent it, ` +
       'so a flow whose sender sends from both vCPUs arrives out of order, which a NIC with a receive queue per flow does not do; with GRO on, a veth receives through NAPI, one CPU at a time, in order.', '',
       '| mode, GRO on | C→B Gbit/s | ratio | B→C Gbit/s | ratio | retransmits C→B / B→C (median, sender, whole run) | runs failed |', '|---|---|---|---|---|---|---|',
-      ...[s.gro.routed, s.gro.stitched].map((m) => `| ${m.mode} | ${f(m.c2b)} | ${f(m.c2b / s.gro!.routed.c2b)} | ${f(m.b2c)} | ${f(m.b2c / s.gro!.routed.b2c)} | ${f(m.retransC2B, 0)} / ${f(m.retransB2C, 0)} | ${m.failed}/${m.runs} |`), '',
+      modeRow(s.gro.routed, s.gro.routed), modeRow(s.gro.stitched, s.gro.routed), '',
       `Per round, GRO on: C→B ${pairs(raw, false, raw.throughputGro)}; B→C ${pairs(raw, true, raw.throughputGro)}.`, ''] : []),
     'Stitched runs: ' + raw.throughput.filter((r) => r.mode.startsWith('stitched')).map((r) => `${r.mode}, ${r.reverse ? 'B→C' : 'C→B'} ${r.error ? `failed (${r.error})` :
       `${f(r.gbps)} Gbit/s (${r.stitch!.beforeGbps.length ? `before the stitch ${r.stitch!.beforeGbps.map((x) => f(x, 1)).join('/')}; ` : ''}stitch returned at ${f(r.stitch!.returnedAtS, 1)} s after ${f(r.stitch!.cliMs, 0)} ms of CLI` +
@@ -286,6 +291,7 @@ export function render(raw: Raw): { md: string; json: unknown } {
   ];
   if (raw.rtt) {
     const r = raw.rtt;
+    const apart = r.handoverApart && !('error' in r.handoverApart) ? r.handoverApart : undefined;
     md.push(`1-byte ping-pong over one TCP connection (bench/rtt-probe.c: C at both ends), ${r.routed.n} samples each.`, '', '| path | p50 µs | p99 µs | p50 vs routed |', '|---|---|---|---|',
       ...([['routed', r.routed], ['shell relay (phase 2)', r.shellRelay], ['stitched (phase 3)', r.stitched]] as const)
         .map(([n, x]) => `| ${n} | ${x.p50Us} | ${x.p99Us} | ${f(x.p50Us / r.routed.p50Us)} |`), '',
@@ -295,12 +301,12 @@ export function render(raw: Raw): { md: string; json: unknown } {
         'During each handover (decision → phase 3 in the shell\'s log, ±1 ms), and in windows of the same length outside it on the same connection (phase 2 before, phase 3 after), the longest round trip (docs/handover.md, rule 12):', '',
         '| | n | p50 µs | p99 µs | max µs |', '|---|---|---|---|---|',
         ...liveRows('', r.handover),
-        ...(r.handoverApart && !('error' in r.handoverApart) ? liveRows(', kept apart', r.handoverApart) : []), '',
+        ...(apart ? liveRows(', kept apart', apart) : []), '',
         ...(r.handoverApart && 'error' in r.handoverApart ? [`Kept apart: failed (${r.handoverApart.error}).`, ''] : []),
-        ...(r.handoverApart && !('error' in r.handoverApart) ? ['"Kept apart": the connections in between, run with the switch daemon on one vCPU and the shell on the other (`taskset`, all threads), ' +
+        ...(apart ? ['"Kept apart": the connections in between, run with the switch daemon on one vCPU and the shell on the other (`taskset`, all threads), ' +
           'as on their own hosts S and A; the probes, the echo server and the kernel\'s packet work run anywhere, as in the rest of the bench.', ''] : []),
         `Per connection, decision → phase 3 ms / round trips during it / the longest µs @ when it began, ms after the decision: ${perConn(r.handover)}` +
-          `${r.handoverApart && !('error' in r.handoverApart) ? `; kept apart: ${perConn(r.handoverApart)}` : ''}.`, ''] : []));
+          `${apart ? `; kept apart: ${perConn(apart)}` : ''}.`, ''] : []));
   } else md.push('Not measured (see errors).', '');
   const h = s.handover;
   md.push('## Handover under load', '',
