@@ -11,7 +11,7 @@ import net from 'node:net';
 import { parseArgs } from 'node:util';
 import { createShell } from '../sdk/index.ts';
 import { createAgent } from '../agent/index.ts';
-import { loadKeyFile } from '../switch/keys.ts';
+import { loadKeyFile } from '../switch/index.ts';
 
 const STITCH_AFTER = 64 << 10;
 const { values } = parseArgs({ options: { listen: { type: 'string' }, core: { type: 'string' }, 'key-file': { type: 'string' } } });
